@@ -1,0 +1,46 @@
+"""Norm layers that can stand where ``BatchNorm(num_features)`` stood, and weight reparams.
+
+Every layer takes the channel count first, accepts ``(N, C, *S)`` input, returns its output in the
+input's memory format, honours ``device=``/``dtype=`` and carries a ``normswap_path`` attribute that
+the surgery fills so forward-time errors name the layer.
+
+Implementation choices measured on CPU (torch 2.14.1, 2 cores, forward+backward):
+:class:`LayerNorm2d` uses ``F.layer_norm`` after moving channels last for every layout; a
+``torch.var_mean(x, dim=1)`` composition was 1.7-3x slower on contiguous input and 9-18x slower
+on channels_last input, from (2, 16, 8, 8) to (8, 64, 56, 56) (``var_mean`` over a non-innermost
+dim is a slow kernel on CPU). Versus BatchNorm2d in the same layout the chosen path costs
+0.7-1.1x on channels_last and 1.4-2.3x on contiguous input (two transposes).
+"""
+
+from __future__ import annotations
+
+from normswap.norms.adaptive import AdaLIN, AdaLN, condition
+from normswap.norms.group import GROUP_POLICIES, GroupNorm, resolve_groups
+from normswap.norms.instance import InstanceNorm
+from normswap.norms.layer import LayerNorm, LayerNorm2d
+from normswap.norms.weight import (
+    WeightKind,
+    WeightStandardization,
+    is_weight_parametrized,
+    output_channel_dim,
+    standardize_weight,
+    weight_norm,
+)
+
+__all__ = [
+    "GROUP_POLICIES",
+    "AdaLIN",
+    "AdaLN",
+    "GroupNorm",
+    "InstanceNorm",
+    "LayerNorm",
+    "LayerNorm2d",
+    "WeightKind",
+    "WeightStandardization",
+    "condition",
+    "is_weight_parametrized",
+    "output_channel_dim",
+    "resolve_groups",
+    "standardize_weight",
+    "weight_norm",
+]

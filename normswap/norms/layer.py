@@ -1,0 +1,185 @@
+"""Layer normalization in its two CNN forms.
+
+* :class:`LayerNorm` is the Group Normalization paper's LN: statistics over ``(C, *S)`` per sample,
+  a per-channel affine. It equals ``GroupNorm(1, C)`` and is computed by that fused kernel.
+* :class:`LayerNorm2d` is the ConvNeXt "channels" form: statistics over ``C`` only, per sample and
+  position, computed by ``F.layer_norm`` after moving the channel dim last.
+
+Both take the channel count first (drop-in for ``BatchNorm(num_features)``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from normswap.errors import NormSwapError, SpecError
+from normswap.norms.group import (
+    _check_input,
+    _is_positive_int,
+    _keep_memory_format,
+    _memory_format,
+    _spatial_numel,
+    _where,
+)
+
+__all__ = ["LayerNorm", "LayerNorm2d"]
+
+
+class _ChannelAffineNorm(nn.Module):
+    """Base of the norms with a per-channel affine ``weight``/``bias`` of shape ``(C,)``.
+
+    Holds ``num_channels``, ``eps``, ``affine``, ``weight`` and ``bias`` (``None`` when
+    ``affine=False``) with the same names and initialization as BatchNorm, so a converter can copy
+    a BatchNorm's ``weight``/``bias`` across unchanged.
+    """
+
+    #: Module path set by the surgery so that forward-time errors can name the layer.
+    normswap_path: str = ""
+
+    def __init__(
+        self,
+        num_channels: int,
+        eps: float = 1e-5,
+        affine: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if not _is_positive_int(num_channels):
+            raise SpecError(
+                f"{type(self).__name__}: num_channels must be a positive int, got {num_channels!r}"
+            )
+        if isinstance(eps, bool) or not isinstance(eps, int | float) or not eps >= 0:
+            raise SpecError(f"{type(self).__name__}: eps must be a float >= 0, got {eps!r}")
+        if not math.isfinite(eps):
+            raise SpecError(f"{type(self).__name__}: eps must be finite, got {eps!r}")
+        self.num_channels = num_channels
+        self.eps = float(eps)
+        self.affine = bool(affine)
+        self.weight: nn.Parameter | None
+        self.bias: nn.Parameter | None
+        if self.affine:
+            self.weight = nn.Parameter(torch.empty(num_channels, device=device, dtype=dtype))
+            self.bias = nn.Parameter(torch.empty(num_channels, device=device, dtype=dtype))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self._reset_affine()
+
+    def _reset_affine(self) -> None:
+        if self.weight is not None and self.bias is not None:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def reset_parameters(self) -> None:
+        """Reset ``weight`` to ones and ``bias`` to zeros (as BatchNorm does)."""
+        self._reset_affine()
+
+    def extra_repr(self) -> str:
+        """Describe the layer: channels, eps and affine."""
+        return f"{self.num_channels}, eps={self.eps}, affine={self.affine}"
+
+
+class LayerNorm(_ChannelAffineNorm):
+    """LayerNorm over ``(C, *S)`` per sample with a per-channel affine (the GN paper's LN).
+
+    ``y = (x - mean) / sqrt(var + eps) * weight[c] + bias[c]`` with mean and (biased) variance
+    over all of one sample's channels and positions. Identical to ``GroupNorm(1, C)`` and
+    computed by the same fused kernel, ``F.group_norm(x, 1, ...)``; accepts ``(N, C)`` and
+    ``(N, C, *S)`` input of any rank and keeps the input's memory format.
+
+    Args:
+        num_channels: number of channels ``C``.
+        eps: value added to the variance for numerical stability.
+        affine: learn a per-channel ``weight`` (init 1) and ``bias`` (init 0) of shape ``(C,)``.
+        device: factory kwarg for the parameters.
+        dtype: factory kwarg for the parameters.
+
+    Example:
+        >>> norm = LayerNorm(64)
+        >>> norm(torch.randn(2, 64, 8, 8)).shape
+        torch.Size([2, 64, 8, 8])
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Normalize ``x`` of shape ``(N, C, *S)`` over ``(C, *S)``.
+
+        Args:
+            x: activation of shape ``(N, C)`` or ``(N, C, *S)``.
+
+        Returns:
+            The normalized activation, same shape and memory format as ``x``.
+
+        Raises:
+            NormSwapError: wrong rank or channel count, or a single element per sample.
+
+        Example:
+            >>> LayerNorm(4)(torch.randn(3, 4)).shape
+            torch.Size([3, 4])
+        """
+        _check_input(self, x, self.num_channels, min_dim=2)
+        if self.num_channels * _spatial_numel(x) == 1:
+            raise NormSwapError(
+                f"{_where(self)}: LayerNorm sees 1 element per sample for input of shape "
+                f"{tuple(x.shape)}, so its output would be the constant bias; it needs more "
+                f"than one channel or position"
+            )
+        out = F.group_norm(x, 1, self.weight, self.bias, self.eps)
+        return _keep_memory_format(out, x)
+
+
+class LayerNorm2d(_ChannelAffineNorm):
+    """Channels-only LayerNorm per sample and position (ConvNeXt style), any rank >= 2.
+
+    ``y[n, :, *s] = layer_norm(x[n, :, *s]) * weight + bias``. For ``(N, C)`` input it is plain
+    ``F.layer_norm`` over ``C``. For ``(N, C, *S)`` it is ``F.layer_norm`` over the last dim of
+    ``x.movedim(1, -1)``, moved back: a free view for channels_last input; for contiguous input
+    the fused kernel plus two transposes still beat a ``var_mean``-over-dim-1 composition
+    (benchmarked on CPU, forward+backward, see the module docs of :mod:`normswap.norms`). The
+    output is returned in the input's memory format.
+
+    Args:
+        num_channels: number of channels ``C``.
+        eps: value added to the variance for numerical stability.
+        affine: learn a per-channel ``weight`` (init 1) and ``bias`` (init 0) of shape ``(C,)``.
+        device: factory kwarg for the parameters.
+        dtype: factory kwarg for the parameters.
+
+    Example:
+        >>> norm = LayerNorm2d(64)
+        >>> norm(torch.randn(2, 64, 8, 8)).shape
+        torch.Size([2, 64, 8, 8])
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Normalize ``x`` of shape ``(N, C, *S)`` over ``C`` at every position.
+
+        Args:
+            x: activation of shape ``(N, C)`` or ``(N, C, *S)``.
+
+        Returns:
+            The normalized activation, same shape and memory format as ``x``.
+
+        Raises:
+            NormSwapError: wrong rank or channel count, or ``C == 1``.
+
+        Example:
+            >>> LayerNorm2d(4)(torch.randn(2, 4, 5)).shape
+            torch.Size([2, 4, 5])
+        """
+        _check_input(self, x, self.num_channels, min_dim=2)
+        if self.num_channels == 1:
+            raise NormSwapError(
+                f"{_where(self)}: LayerNorm2d over 1 channel normalizes a single element per "
+                f"position (input shape {tuple(x.shape)}), so its output would be the constant "
+                f"bias; use LayerNorm (statistics over channels and positions) instead"
+            )
+        shape = (self.num_channels,)
+        if x.dim() == 2:
+            return F.layer_norm(x, shape, self.weight, self.bias, self.eps)
+        out = F.layer_norm(x.movedim(1, -1), shape, self.weight, self.bias, self.eps)
+        return out.movedim(-1, 1).contiguous(memory_format=_memory_format(x))

@@ -1,0 +1,108 @@
+"""normswap: replace BatchNorm in any PyTorch model with the normalization you need.
+
+Example:
+    >>> import torchvision, normswap
+    >>> model = torchvision.models.resnet50()
+    >>> report = normswap.swap(model, "gn")
+    >>> print(report)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from normswap.errors import (
+    ConditionError,
+    FoldError,
+    NormSwapError,
+    SpecError,
+    SwapError,
+    TraceError,
+    UnsupportedModuleError,
+)
+from normswap.fold import fold_bn, fold_conv_bn
+from normswap.norms import (
+    AdaLIN,
+    AdaLN,
+    GroupNorm,
+    InstanceNorm,
+    LayerNorm,
+    LayerNorm2d,
+    WeightStandardization,
+    condition,
+    resolve_groups,
+    standardize_weight,
+    weight_norm,
+)
+from normswap.plan import Plan, plan
+from normswap.report import SwapRecord, SwapReport
+from normswap.sources import SourceNorm, describe_source, is_source_norm, register_source
+from normswap.specs import (
+    AdaLINSpec,
+    AdaLNSpec,
+    GroupNormSpec,
+    InstanceNormSpec,
+    LayerNorm2dSpec,
+    LayerNormSpec,
+    NormSpec,
+    WeightNormSpec,
+    WSGroupNormSpec,
+    get_spec,
+    list_norms,
+    register_norm,
+    spec_from_dict,
+)
+from normswap.surgery import apply, swap
+from normswap.targets import Target, register_target
+from normswap.trace import GraphFacts, trace
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdaLIN",
+    "AdaLINSpec",
+    "AdaLN",
+    "AdaLNSpec",
+    "ConditionError",
+    "FoldError",
+    "GraphFacts",
+    "GroupNorm",
+    "GroupNormSpec",
+    "InstanceNorm",
+    "InstanceNormSpec",
+    "LayerNorm",
+    "LayerNorm2d",
+    "LayerNorm2dSpec",
+    "LayerNormSpec",
+    "NormSpec",
+    "NormSwapError",
+    "Plan",
+    "SourceNorm",
+    "SpecError",
+    "SwapError",
+    "SwapRecord",
+    "SwapReport",
+    "Target",
+    "TraceError",
+    "UnsupportedModuleError",
+    "WSGroupNormSpec",
+    "WeightNormSpec",
+    "WeightStandardization",
+    "__version__",
+    "apply",
+    "condition",
+    "describe_source",
+    "fold_bn",
+    "fold_conv_bn",
+    "get_spec",
+    "is_source_norm",
+    "list_norms",
+    "plan",
+    "register_norm",
+    "register_source",
+    "register_target",
+    "resolve_groups",
+    "spec_from_dict",
+    "standardize_weight",
+    "swap",
+    "trace",
+    "weight_norm",
+]

@@ -1,0 +1,248 @@
+"""The ``normswap`` command line: ``list``, ``inspect`` and ``convert``.
+
+Examples::
+
+    normswap list
+    normswap inspect resnet50 --to gn --set num_groups=16
+    normswap convert mobilenet_v2 --to gn --weights IMAGENET1K_V1 --out mbv2_gn.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from normswap.errors import NormSwapError
+from normswap.report import SwapReport
+from normswap.sources import is_source_norm
+from normswap.specs import get_spec, list_norms
+from normswap.surgery import swap
+
+__all__ = ["CHECKPOINT_FORMAT", "build_model", "main", "parse_overrides"]
+
+CHECKPOINT_FORMAT = "normswap.convert/1"
+
+
+class CLIError(NormSwapError):
+    """Bad command-line input."""
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """Parse ``key=value`` strings; values are Python literals where they parse, else text.
+
+    Example:
+        >>> parse_overrides(["num_groups=16", "bn=fold", "layers=('conv',)"])
+        {'num_groups': 16, 'bn': 'fold', 'layers': ('conv',)}
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise CLIError(f"--set expects key=value, got {item!r}")
+        try:
+            value: Any = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        out[key.strip()] = value
+    return out
+
+
+def build_model(name: str, weights: str | None = None, *, meta: bool = False) -> nn.Module:
+    """Build a torchvision model by name, with optional weights (a weights name or a file).
+
+    Args:
+        name: any name from ``torchvision.models.list_models()``.
+        weights: a torchvision weights name (``"IMAGENET1K_V1"``, ``"DEFAULT"``) loaded
+            through torchvision's cache, or the path of a state-dict checkpoint (loaded with
+            ``weights_only=True``).
+        meta: build on the meta device (no memory; for inspection only).
+
+    Raises:
+        CLIError: unknown model (the valid names are listed), weights that cannot be found.
+
+    Example:
+        >>> type(build_model("resnet18", meta=True)).__name__
+        'ResNet'
+    """
+    import torchvision
+
+    names = torchvision.models.list_models()
+    if name not in names:
+        raise CLIError(f"unknown model {name!r}; choose one of: {', '.join(names)}")
+    if weights is None:
+        if meta:
+            with torch.device("meta"):
+                return torchvision.models.get_model(name, weights=None)
+        return torchvision.models.get_model(name, weights=None)
+    path = Path(weights)
+    if path.suffix in {".pt", ".pth", ".ckpt", ".bin"} or path.exists():
+        if not path.is_file():
+            raise CLIError(f"weights file {str(path)!r} does not exist")
+        model = torchvision.models.get_model(name, weights=None)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+        model.load_state_dict(state)
+        return model
+    enum = torchvision.models.get_model_weights(name)
+    valid = [w.name for w in enum]
+    if weights not in (*valid, "DEFAULT"):
+        raise CLIError(
+            f"model {name!r} has no weights {weights!r}; choose one of: {', '.join(valid)}, "
+            "DEFAULT, or a path to a state-dict file"
+        )
+    try:
+        return torchvision.models.get_model(name, weights=weights)
+    except (OSError, RuntimeError) as err:  # a download was attempted and failed
+        url = (enum.DEFAULT if weights == "DEFAULT" else enum[weights]).url
+        raise CLIError(
+            f"could not load {name} weights {weights!r} ({type(err).__name__}): this machine "
+            f"cannot download them; put {url.rsplit('/', 1)[-1]} into "
+            f"{torch.hub.get_dir()}/checkpoints/ (or set TORCH_HOME), "
+            "or pass --weights PATH to a state-dict file"
+        ) from err
+
+
+def _parse_shape(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(x) for x in text.replace("x", ",").split(","))
+    except ValueError:
+        raise CLIError(f"--input-shape expects integers like 1,3,224,224, got {text!r}") from None
+    return shape
+
+
+def _cmd_list(_: argparse.Namespace) -> int:
+    for name in list_norms():
+        spec_cls = type(get_spec(name, cond_dim=1) if name == "adaln" else get_spec(name))
+        doc = (spec_cls.__doc__ or "").strip().splitlines()[0]
+        print(f"{name:8s} {doc}")
+    return 0
+
+
+def _swap_from_args(model: nn.Module, args: argparse.Namespace, *, dry_run: bool) -> SwapReport:
+    shape = _parse_shape(args.input_shape)
+    example = None
+    if shape is not None:
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        example = torch.randn(shape, device=device)
+    return swap(
+        model,
+        args.to,
+        include=args.include or None,
+        exclude=args.exclude or None,
+        dry_run=dry_run,
+        strict=args.strict,
+        example_inputs=example,
+        **parse_overrides(args.set),
+    )
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    meta = args.input_shape is None
+    model = build_model(args.model, meta=meta)
+    norms = [
+        (path, m)
+        for path, m in model.named_modules()
+        if is_source_norm(m)
+        or isinstance(m, (nn.GroupNorm, nn.LayerNorm))
+        or "Norm" in type(m).__name__
+    ]
+    print(f"{args.model}: {len(norms)} norm layer(s)")
+    for path, m in norms:
+        print(f"  {path:50s} {m}")
+    if args.to:
+        print()
+        print(_swap_from_args(model, args, dry_run=True))
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.exists() and out.is_dir():
+        raise CLIError(f"--out {str(out)!r} is a directory; give a file path such as model.pt")
+    if not out.parent.exists():
+        raise CLIError(f"the folder {str(out.parent)!r} does not exist; create it first")
+    model = build_model(args.model, args.weights)
+    model.eval()  # pretrained conversion (and folding) use running statistics
+    report = _swap_from_args(model, args, dry_run=False)
+    print(report)
+    torch.save(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "model": args.model,
+            "weights": args.weights,
+            "include": list(args.include),
+            "exclude": list(args.exclude),
+            "report": report.to_dict(),
+            "state_dict": model.state_dict(),
+        },
+        out,
+    )
+    print(f"saved {out}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="normswap", description="Replace BatchNorm in torchvision models."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="list the registered norms").set_defaults(func=_cmd_list)
+
+    def common(p: argparse.ArgumentParser, *, need_to: bool) -> None:
+        p.add_argument("model", help="a torchvision model name (see torchvision.models)")
+        p.add_argument("--to", required=need_to, choices=list_norms(), help="target norm")
+        p.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="spec field override, e.g. num_groups=16 (repeatable)",
+        )
+        p.add_argument("--include", action="append", default=[], metavar="GLOB")
+        p.add_argument("--exclude", action="append", default=[], metavar="GLOB")
+        p.add_argument("--strict", action="store_true", help="fail if any BatchNorm remains")
+        p.add_argument(
+            "--input-shape",
+            metavar="N,C,H,W",
+            help="trace with a random input of this shape (checks ranks; folds BN)",
+        )
+
+    inspect = sub.add_parser("inspect", help="show a model's norm layers and a dry-run plan")
+    common(inspect, need_to=False)
+    inspect.set_defaults(func=_cmd_inspect)
+    convert = sub.add_parser("convert", help="convert a model and save its state dict")
+    common(convert, need_to=True)
+    convert.add_argument("--weights", help="torchvision weights name or state-dict file")
+    convert.add_argument("--out", required=True, help="output file (.pt)")
+    convert.set_defaults(func=_cmd_convert)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``normswap`` command line; returns the exit code.
+
+    Example:
+        >>> main(["inspect", "resnet18", "--to", "gn"])  # doctest: +SKIP
+        0
+    """
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except NormSwapError as err:
+        print(f"normswap: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

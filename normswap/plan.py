@@ -1,0 +1,260 @@
+"""Planning: decide, for every module path, what a swap will do — before changing anything.
+
+A :class:`Plan` is computed from the model, a spec and the include/exclude patterns. Every
+problem found (indivisible channels under the error policy, InstanceNorm on (N, C), an
+uninitialized lazy BN, a BN subclass with its own forward, an unfoldable BN, ...) is
+collected, and :func:`plan` raises one :class:`~normswap.errors.SwapError` listing them
+all. A valid plan is executed by :func:`normswap.surgery.apply`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import Any
+
+from torch import nn
+
+from normswap.errors import NormSwapError, SwapError
+from normswap.report import SKIP, SwapRecord, SwapReport
+from normswap.sources import SourceNorm, describe_source, is_source_norm, source_classes
+from normswap.specs import NormSpec, get_spec
+from normswap.targets import Decision, LayerStep, NormContext, Target, get_target
+
+__all__ = ["NormStep", "Plan", "module_paths", "plan"]
+
+
+@dataclass(frozen=True)
+class NormStep:
+    """The planned fate of one BatchNorm-family module instance (at all its paths)."""
+
+    module: nn.Module
+    paths: tuple[str, ...]
+    source: SourceNorm | None
+    decision: Decision
+
+    def record(self) -> SwapRecord:
+        """This step as a report record."""
+        d = self.decision
+        src = self.source
+        frozen = False
+        if src is not None and d.action not in (SKIP,) and d.target != "Identity":
+            frozen = not src.requires_grad
+        return SwapRecord(
+            path=self.paths[0],
+            source=type(self.module).__name__,
+            target=d.target,
+            action=d.action,
+            channels=src.num_channels if src is not None else None,
+            groups=d.groups,
+            eps=d.eps,
+            note=d.note,
+            reason=d.reason,
+            aliases=self.paths[1:],
+            frozen=frozen,
+            into=d.into,
+        )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A validated swap plan: what happens to each module, in module order.
+
+    Attributes:
+        spec: the spec being applied.
+        target: the target family that builds the new layers.
+        norm_steps: one step per BatchNorm-family module instance.
+        layer_steps: changes to other layers (weight norm, weight standardization).
+        notes: model-level remarks for the report.
+    """
+
+    spec: NormSpec
+    target: Target
+    norm_steps: tuple[NormStep, ...]
+    layer_steps: tuple[LayerStep, ...]
+    notes: tuple[str, ...]
+
+    def records(self) -> tuple[SwapRecord, ...]:
+        """Report records for every step (norms first, then other layers, each in order)."""
+        out = [s.record() for s in self.norm_steps]
+        for step in self.layer_steps:
+            name = type(step.module).__name__
+            out.append(
+                SwapRecord(
+                    path=step.paths[0],
+                    source=name,
+                    target=name,
+                    action=step.action,
+                    reason=step.reason,
+                    note=step.note,
+                    aliases=step.paths[1:],
+                )
+            )
+        return tuple(out)
+
+    def report(self, *, dry_run: bool) -> SwapReport:
+        """The plan as a :class:`SwapReport`."""
+        return SwapReport(self.records(), self.spec.to_dict(), dry_run=dry_run, notes=self.notes)
+
+
+def module_paths(model: nn.Module) -> dict[int, tuple[nn.Module, list[str]]]:
+    """Map ``id(module)`` to ``(module, every path at which it occurs)``, in module order.
+
+    Example:
+        >>> bn = nn.BatchNorm2d(4)
+        >>> [p for _, p in module_paths(nn.Sequential(bn, bn)).values()][1]
+        ['0', '1']
+    """
+    found: dict[int, tuple[nn.Module, list[str]]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        found.setdefault(id(module), (module, []))[1].append(path)
+    return found
+
+
+def _selected(paths: list[str], include: tuple[str, ...] | None, exclude: tuple[str, ...]) -> bool:
+    if any(fnmatchcase(p, pat) for p in paths for pat in exclude):
+        return False
+    return include is None or any(fnmatchcase(p, pat) for p in paths for pat in include)
+
+
+def _patterns(value: str | Iterable[str] | None, name: str) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    pats = (value,) if isinstance(value, str) else tuple(value)
+    for p in pats:
+        if not isinstance(p, str) or not p:
+            raise SwapError(f"{name} must hold non-empty glob strings, got {p!r}")
+    return pats
+
+
+def _inside(path: str, prefixes: list[str]) -> bool:
+    return any(path.startswith(pre + ".") for pre in prefixes if pre)
+
+
+def plan(
+    model: nn.Module,
+    spec: NormSpec | str,
+    *,
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
+    example_inputs: Any = None,
+    strict: bool = False,
+    **overrides: Any,
+) -> Plan:
+    """Plan a swap without modifying ``model``.
+
+    Args:
+        model: any ``nn.Module``.
+        spec: a spec object or a registered norm name (``"gn"``, ``"ln"``, ...).
+        include: glob pattern(s) on module paths; only matching modules are converted.
+        exclude: glob pattern(s) on module paths to leave alone.
+        example_inputs: inputs for one traced forward pass (a tensor, a tuple of
+            positional args, or a dict of keyword args). Gives every norm's input rank
+            and producer; needed to fold BN (or torch.fx is tried without it).
+        strict: refuse the plan if any BatchNorm-family module would remain.
+        **overrides: spec field overrides (``num_groups=16``).
+
+    Returns:
+        A valid :class:`Plan`.
+
+    Raises:
+        SpecError: bad spec name, field or value.
+        SwapError: one error listing every offending module path and its fix.
+
+    Example:
+        >>> import torchvision
+        >>> p = plan(torchvision.models.resnet18(), "gn", num_groups=16)
+        >>> len(p.norm_steps)
+        20
+    """
+    spec = get_spec(spec, **overrides)
+    target = get_target(spec)
+    inc = _patterns(include, "include")
+    exc = _patterns(exclude, "exclude") or ()
+
+    problems: list[tuple[str, str]] = []
+    notes: list[str] = []
+    all_modules = list(module_paths(model).values())
+    all_paths = [p for _, paths in all_modules for p in paths]
+    if inc is not None:
+        for pat in inc:
+            if not any(fnmatchcase(p, pat) for p in all_paths):
+                problems.append(
+                    (
+                        f"include={pat!r}",
+                        "matches no module path (paths look like "
+                        f"{', '.join(repr(p) for p in all_paths[1:4])})",
+                    )
+                )
+    for pat in exc:
+        if not any(fnmatchcase(p, pat) for p in all_paths):
+            notes.append(f"exclude pattern {pat!r} matches no module")
+
+    sources = [(m, paths) for m, paths in all_modules if is_source_norm(m)]
+    if not sources:
+        notes.append("the model holds no BatchNorm-family module: no norm to convert")
+    if any(paths[0] == "" for _, paths in sources):
+        problems.append(
+            ("<root>", "the model itself is a norm; wrap it in a container (nn.Sequential) first")
+        )
+
+    facts = None
+    selected = [(m, paths) for m, paths in sources if _selected(paths, inc, exc)]
+    if example_inputs is not None or (selected and target.needs_graph(spec)):
+        from normswap.trace import graph_facts  # only where graph knowledge is needed
+
+        try:
+            facts = graph_facts(model, example_inputs, norm_types=source_classes())
+        except NormSwapError as err:
+            problems.append(("<trace>", str(err)))
+
+    norm_steps: list[NormStep] = []
+    norm_paths: list[str] = []
+    for module, paths in sources:
+        norm_paths.extend(paths)
+        if not _selected(paths, inc, exc):
+            decision = Decision(SKIP, type(module).__name__, reason="excluded by include/exclude")
+            norm_steps.append(NormStep(module, tuple(paths), None, decision))
+            continue
+        try:
+            src = describe_source(module)
+        except NormSwapError as err:
+            problems.append((paths[0], str(err)))
+            continue
+        rank = None
+        if facts is not None and paths[0] in facts.norms:
+            rank = facts.norms[paths[0]].input_rank
+        elif src.ranks is not None and len(src.ranks) == 1:
+            rank = src.ranks[0]
+        decision = target.decide(src, spec, NormContext(paths[0], rank, facts))
+        if decision.problem:
+            problems.append((paths[0], decision.problem))
+            continue
+        norm_steps.append(NormStep(module, tuple(paths), src, decision))
+
+    candidates = [
+        (m, tuple(paths))
+        for m, paths in all_modules
+        if paths[0] and _selected(paths, inc, exc) and not _inside(paths[0], norm_paths)
+    ]
+    layer_steps = target.plan_layers(candidates, spec)
+
+    if strict:
+        for step in norm_steps:
+            if step.decision.action == SKIP:
+                problems.append(
+                    (
+                        step.paths[0],
+                        f"would remain a {type(step.module).__name__} "
+                        f"({step.decision.reason}); strict=True refuses that",
+                    )
+                )
+    if problems:
+        lines = "\n".join(f"  - {path}: {msg}" for path, msg in problems)
+        raise SwapError(
+            f"cannot swap {type(model).__name__} to {spec.name!r}: {len(problems)} problem(s); "
+            f"nothing was modified:\n{lines}",
+            problems,
+        )
+    return Plan(spec, target, tuple(norm_steps), tuple(layer_steps), tuple(notes))

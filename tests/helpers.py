@@ -1,0 +1,60 @@
+"""Shared helpers for the tests: state comparison and gradient checks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of every parameter and buffer, by state-dict key."""
+    return {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
+
+
+def assert_untouched(before: dict[str, torch.Tensor], model: nn.Module) -> None:
+    """The model's state equals ``before`` exactly (same keys, bit-identical values)."""
+    after = model.state_dict()
+    assert list(after) == list(before)
+    for key, value in before.items():
+        assert torch.equal(after[key], value), key
+
+
+def assert_others_identical(
+    before: dict[str, torch.Tensor], model: nn.Module, changed_prefixes: Iterable[str]
+) -> None:
+    """Every state entry outside ``changed_prefixes`` (module paths or exact keys) is still
+    there, bit-identical."""
+    changed = tuple(changed_prefixes)
+    prefixes = tuple(p + "." for p in changed)
+    after = model.state_dict()
+    kept = [k for k in before if k not in changed and not k.startswith(prefixes)]
+    assert kept, "nothing left to compare"
+    for key in kept:
+        assert key in after, f"{key} disappeared"
+        assert after[key].dtype == before[key].dtype, key
+        assert torch.equal(after[key], before[key]), f"{key} changed"
+
+
+def sum_outputs(out: object) -> torch.Tensor:
+    """Sum every floating tensor in a (nested) model output into one scalar."""
+    if isinstance(out, torch.Tensor):
+        return out.float().sum() if out.is_floating_point() else torch.zeros(())
+    if isinstance(out, dict):
+        return sum((sum_outputs(v) for v in out.values()), torch.zeros(()))
+    if isinstance(out, (list, tuple)):
+        return sum((sum_outputs(v) for v in out), torch.zeros(()))
+    return torch.zeros(())
+
+
+def assert_all_grads(model: nn.Module) -> None:
+    """Every trainable parameter received a finite gradient."""
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, f"no gradient for: {missing[:10]} (+{max(0, len(missing) - 10)})"
+    bad = [
+        n
+        for n, p in model.named_parameters()
+        if p.grad is not None and not bool(torch.isfinite(p.grad).all())
+    ]
+    assert not bad, f"non-finite gradient for: {bad[:10]}"

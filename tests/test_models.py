@@ -1,0 +1,148 @@
+"""Coverage: every torchvision model, every target.
+
+* Structure (meta device, no memory): all 121 models x every target — no BatchNorm-family
+  module remains unless the report says why, and models without BN are reported so.
+* Real forward + backward on a small input: every BN model with ``gn``, and a
+  representative model of every family with every target — every trainable parameter
+  gets a finite gradient, and every non-norm parameter and buffer is bit-identical.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import tv_models
+from helpers import assert_all_grads, assert_others_identical, snapshot, sum_outputs
+from torch import nn
+
+import normswap
+
+TARGETS = ["gn", "ln", "ln2d", "in", "adalin", "adaln", "wn", "ws_gn"]
+COND_DIM = 4
+META_KW = {"adaln": {"cond_dim": COND_DIM}, "wn": {"bn": "remove"}}
+
+REPRESENTATIVE = [
+    "resnet18",
+    "densenet121",
+    "efficientnet_b0",
+    "mobilenet_v2",
+    "mobilenet_v3_small",
+    "regnet_y_400mf",
+    "shufflenet_v2_x0_5",
+    "inception_v3",
+    "googlenet",
+    "mnasnet0_5",
+    "vgg11_bn",
+    "r3d_18",
+    "r2plus1d_18",
+    "fasterrcnn_mobilenet_v3_large_320_fpn",
+    "lraspp_mobilenet_v3_large",
+    "fcn_resnet50",
+    "raft_large",
+    "maxvit_t",
+    "quantized_resnet18",
+]
+
+
+def _remaining_bn(model: nn.Module) -> list[str]:
+    return [p for p, m in model.named_modules() if normswap.is_source_norm(m)]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("name", tv_models.ALL_MODELS)
+def test_structure_every_model_every_target(name: str, target: str) -> None:
+    model = tv_models.build(name, meta=True)
+    had_bn = tv_models.has_bn(model)
+    report = normswap.swap(model, target, **META_KW.get(target, {}))
+    remaining = _remaining_bn(model)
+    if not had_bn:
+        assert any("no BatchNorm" in n for n in report.notes)
+        assert not [r for r in report if r.action in ("replace", "fold", "remove")]
+        return
+    reasons = {r.path: r.reason for r in report.skipped}
+    unexplained = [p for p in remaining if not reasons.get(p)]
+    assert not unexplained, f"BN left without a reason: {unexplained[:5]}"
+    assert not remaining, f"BN left: {remaining[:5]}"
+    assert all(t.device.type == "meta" for t in model.state_dict().values())
+
+
+def _forward_backward(model: nn.Module, name: str, target: str) -> None:
+    model.train()
+    args, kwargs = tv_models.example(name, train=True)
+    if target == "adaln":
+        cond = torch.randn(tv_models.batch_size(name), COND_DIM)
+        with normswap.condition(model, cond):
+            out = model(*args, **kwargs)
+    else:
+        out = model(*args, **kwargs)
+    loss = sum_outputs(out)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert_all_grads(model)
+
+
+BN_MODELS = [n for n in tv_models.ALL_MODELS if tv_models.has_bn(tv_models.build(n, meta=True))]
+
+
+def test_bn_model_census() -> None:
+    """NORMS.md's census: 92 of the 121 torchvision models contain BN."""
+    assert len(tv_models.ALL_MODELS) == 121
+    assert len(BN_MODELS) == 92
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", BN_MODELS)
+def test_every_bn_model_gn_trains(name: str) -> None:
+    model = tv_models.build(name)
+    before = snapshot(model)
+    report = normswap.swap(model, "gn", strict=True)
+    assert_others_identical(before, model, [r.path for r in report.converted])
+    assert not _remaining_bn(model)
+    _forward_backward(model, name, "gn")
+
+
+def _swap_for_training(model: nn.Module, name: str, target: str) -> normswap.SwapReport:
+    if target == "wn":
+        model.eval()  # folding uses running statistics
+        return normswap.swap(
+            model, "wn", bn="fold", unfoldable="remove", example_inputs=tv_models.trace_inputs(name)
+        )
+    kwargs = {"cond_dim": COND_DIM} if target == "adaln" else {}
+    return normswap.swap(model, target, example_inputs=tv_models.trace_inputs(name), **kwargs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("name", REPRESENTATIVE)
+def test_representative_every_target_trains(name: str, target: str) -> None:
+    model = tv_models.build(name)
+    before = snapshot(model)
+    report = _swap_for_training(model, name, target)
+    assert not _remaining_bn(model)
+    if target not in ("wn", "ws_gn"):  # those reparameterize convs/linears by design
+        assert_others_identical(before, model, [r.path for r in report.converted])
+    _forward_backward(model, name, target)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "efficientnet_b0", "regnet_x_400mf"])
+def test_wn_fold_is_exact_on_real_architectures(name: str) -> None:
+    """``swap(model.eval(), "wn", bn="fold")`` leaves the outputs unchanged."""
+    model = tv_models.build(name).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if normswap.is_source_norm(m):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+    report = normswap.swap(model, "wn", bn="fold", example_inputs=x, strict=True)
+    assert not _remaining_bn(model)
+    assert all(r.action != "skip" for r in report)
+    with torch.no_grad():
+        got = model(x)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

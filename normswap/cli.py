@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import inspect
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +21,8 @@ import torch
 from torch import nn
 
 from normswap.errors import NormSwapError
+from normswap.meta import init_on_meta
+from normswap.norms import NORM_LAYERS
 from normswap.report import SwapReport
 from normswap.sources import is_source_norm
 from normswap.specs import get_spec, list_norms
@@ -28,6 +31,15 @@ from normswap.surgery import swap
 __all__ = ["CHECKPOINT_FORMAT", "build_model", "main", "parse_overrides"]
 
 CHECKPOINT_FORMAT = "normswap.convert/1"
+
+_OTHER_NORMS = (
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.RMSNorm,
+    nn.LocalResponseNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    *NORM_LAYERS,
+)
 
 
 class CLIError(NormSwapError):
@@ -76,16 +88,20 @@ def build_model(name: str, weights: str | None = None, *, meta: bool = False) ->
     names = torchvision.models.list_models()
     if name not in names:
         raise CLIError(f"unknown model {name!r}; choose one of: {', '.join(names)}")
+    builder_params = inspect.signature(torchvision.models.get_model_builder(name)).parameters
+    # Never fetch a pretrained backbone behind the user's back (segmentation/detection
+    # builders default to one): weights=None means random weights everywhere.
+    no_backbone = {"weights_backbone": None} if "weights_backbone" in builder_params else {}
     if weights is None:
         if meta:
-            with torch.device("meta"):
-                return torchvision.models.get_model(name, weights=None)
-        return torchvision.models.get_model(name, weights=None)
+            with init_on_meta():
+                return torchvision.models.get_model(name, weights=None, **no_backbone)
+        return torchvision.models.get_model(name, weights=None, **no_backbone)
     path = Path(weights)
     if path.suffix in {".pt", ".pth", ".ckpt", ".bin"} or path.exists():
         if not path.is_file():
             raise CLIError(f"weights file {str(path)!r} does not exist")
-        model = torchvision.models.get_model(name, weights=None)
+        model = torchvision.models.get_model(name, weights=None, **no_backbone)
         state = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
@@ -153,9 +169,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     norms = [
         (path, m)
         for path, m in model.named_modules()
-        if is_source_norm(m)
-        or isinstance(m, (nn.GroupNorm, nn.LayerNorm))
-        or "Norm" in type(m).__name__
+        if is_source_norm(m) or isinstance(m, _OTHER_NORMS)
     ]
     print(f"{args.model}: {len(norms)} norm layer(s)")
     for path, m in norms:

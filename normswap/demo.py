@@ -65,7 +65,7 @@ def sample_photos() -> list[tuple[str, torch.Tensor]]:
     data = load_sample_images()
     names = [path.rsplit("/", 1)[-1] for path in data.filenames]
     return [
-        (name, torch.from_numpy(img).permute(2, 0, 1).contiguous())
+        (name, torch.tensor(img).permute(2, 0, 1).contiguous())
         for name, img in zip(names, data.images, strict=True)
     ]
 

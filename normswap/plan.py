@@ -9,6 +9,7 @@ all. A valid plan is executed by :func:`normswap.surgery.apply`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -17,6 +18,7 @@ from typing import Any
 from torch import nn
 
 from normswap.errors import NormSwapError, SwapError
+from normswap.norms import NORM_LAYERS
 from normswap.report import SKIP, SwapRecord, SwapReport
 from normswap.sources import SourceNorm, describe_source, is_source_norm, source_classes
 from normswap.specs import NormSpec, get_spec
@@ -79,12 +81,11 @@ class Plan:
         """Report records for every step (norms first, then other layers, each in order)."""
         out = [s.record() for s in self.norm_steps]
         for step in self.layer_steps:
-            name = type(step.module).__name__
             out.append(
                 SwapRecord(
                     path=step.paths[0],
-                    source=name,
-                    target=name,
+                    source=step.kind,
+                    target=step.kind,
                     action=step.action,
                     reason=step.reason,
                     note=step.note,
@@ -222,17 +223,21 @@ def plan(
         except NormSwapError as err:
             problems.append((paths[0], str(err)))
             continue
-        rank = None
-        if facts is not None and paths[0] in facts.norms:
-            rank = facts.norms[paths[0]].input_rank
+        rank = spatial = None
+        if facts is not None and paths[0] in facts.norms and facts.norms[paths[0]].calls:
+            seen = facts.norms[paths[0]]
+            rank = seen.input_rank
+            spatial = min(math.prod(shape[2:]) for shape in seen.input_shapes)
         elif src.ranks is not None and len(src.ranks) == 1:
             rank = src.ranks[0]
-        decision = target.decide(src, spec, NormContext(paths[0], rank, facts))
+        decision = target.decide(src, spec, NormContext(paths[0], rank, facts, spatial))
         if decision.problem:
             problems.append((paths[0], decision.problem))
             continue
         norm_steps.append(NormStep(module, tuple(paths), src, decision))
 
+    # Layers inside norms (an AdaLN's modulation MLP) are part of the norm, not candidates.
+    norm_paths += [p for m, paths in all_modules if isinstance(m, NORM_LAYERS) for p in paths]
     candidates = [
         (m, tuple(paths))
         for m, paths in all_modules

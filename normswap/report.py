@@ -62,6 +62,16 @@ class SwapRecord:
         return data
 
 
+def _count_key(r: SwapRecord) -> str:
+    if r.action == SKIP:
+        return f"{r.source} (kept)"
+    if r.action == FOLD:
+        return f"{r.source} -> folded"
+    if r.action in (WEIGHT_NORM, STANDARDIZE):
+        return f"{r.source} + {r.action}"
+    return f"{r.source} -> {r.target}"
+
+
 @dataclass(frozen=True)
 class SwapReport(Sequence[SwapRecord]):
     """The result of a swap (or a dry run): one record per affected module.
@@ -110,17 +120,17 @@ class SwapReport(Sequence[SwapRecord]):
         return tuple(r for r in self.records if r.action == SKIP)
 
     def counts(self) -> dict[str, int]:
-        """Count records per ``"source -> target"`` (skips counted as ``"source (kept)"``).
+        """Count records per kind of change.
+
+        Keys are ``"source -> target"`` for replaced/removed norms, ``"source -> folded"``,
+        ``"source + weight_norm"`` / ``"source + standardize"`` for reparameterized layers and
+        ``"source (kept)"`` for skips.
 
         Example:
             >>> SwapReport((SwapRecord("a", "BatchNorm2d", "GroupNorm", "replace"),), {}).counts()
             {'BatchNorm2d -> GroupNorm': 1}
         """
-        keys = (
-            f"{r.source} (kept)" if r.action == SKIP else f"{r.source} -> {r.target}"
-            for r in self.records
-        )
-        return dict(Counter(keys))
+        return dict(Counter(_count_key(r) for r in self.records))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-serializable dictionary of the whole report.

@@ -49,11 +49,14 @@ class NormContext:
         path: canonical module path.
         rank: the input rank seen by tracing, or implied by the class; ``None`` if unknown.
         facts: graph facts when the model was traced (``None`` otherwise).
+        spatial: the smallest number of spatial positions (prod of S) of its traced inputs,
+            ``None`` when not traced.
     """
 
     path: str
     rank: int | None
     facts: GraphFacts | None = None
+    spatial: int | None = None
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,11 @@ class LayerStep:
     action: str
     reason: str | None = None
     note: str | None = None
+    kind: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.kind:  # the class name before any parametrization renames it
+            object.__setattr__(self, "kind", type(self.module).__name__)
 
 
 class Target:
@@ -197,6 +205,13 @@ def _rank_problem(target: str, src: SourceNorm, ctx: NormContext) -> tuple[str |
         return (
             f"{target} needs spatial dims, but this {src.kind} normalizes (N, C) inputs "
             f"(instance statistics over one value are undefined); exclude it or use 'ln'",
+            None,
+        )
+    if ctx.spatial == 1:
+        return (
+            f"{target} needs more than one spatial position, but this {src.kind} sees inputs "
+            f"with a single one (e.g. after global pooling), where instance statistics are "
+            f"undefined; exclude it or use 'ln'/'gn'",
             None,
         )
     if ctx.rank is None and (src.ranks is None or 2 in src.ranks):

@@ -38,6 +38,8 @@ def build(name: str, *, meta: bool = False) -> nn.Module:
     params = inspect.signature(torchvision.models.get_model_builder(name)).parameters
     if "weights_backbone" in params:
         kwargs["weights_backbone"] = None
+    if "init_weights" in params:  # googlenet/inception warn unless it is explicit
+        kwargs["init_weights"] = True
     if name in DETECTION and not name.startswith("ssd"):
         kwargs.update(min_size=128, max_size=128)
     if meta:
@@ -56,7 +58,7 @@ def _targets(n: int, size: int, name: str) -> list[dict[str, torch.Tensor]]:
     for _ in range(n):
         t = {
             "boxes": torch.tensor([[10.0, 12.0, 70.0, 90.0], [30.0, 20.0, 100.0, 60.0]]),
-            "labels": torch.tensor([1, 2]),
+            "labels": torch.tensor([1, 1]),  # keypointrcnn has 2 classes (0 = background)
         }
         if "mask" in name:
             masks = torch.zeros(2, size, size, dtype=torch.uint8)
@@ -88,9 +90,9 @@ def example(name: str, *, train: bool) -> tuple[tuple[Any, ...], dict[str, Any]]
     return (torch.rand(batch, 3, size, size),), {}
 
 
-def trace_inputs(name: str) -> Any:
-    """``example_inputs`` for ``normswap.swap`` (eval-mode forward)."""
-    args, kwargs = example(name, train=False)
+def trace_inputs(name: str, *, train: bool = False) -> Any:
+    """``example_inputs`` for ``normswap.swap`` (for a model in train or eval mode)."""
+    args, kwargs = example(name, train=train)
     if kwargs:
         params = list(inspect.signature(build(name, meta=True).forward).parameters)
         return {**dict(zip(params, args, strict=False)), **kwargs}

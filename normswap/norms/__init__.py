@@ -27,8 +27,12 @@ from normswap.norms.weight import (
     weight_norm,
 )
 
+#: Every normalization layer class of this library (for isinstance checks).
+NORM_LAYERS = (AdaLIN, AdaLN, GroupNorm, InstanceNorm, LayerNorm, LayerNorm2d)
+
 __all__ = [
     "GROUP_POLICIES",
+    "NORM_LAYERS",
     "AdaLIN",
     "AdaLN",
     "GroupNorm",

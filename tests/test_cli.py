@@ -1,0 +1,105 @@
+"""The ``normswap`` command line and the demo."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+import normswap
+from normswap import cli, demo
+
+
+def test_list(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert [line.split()[0] for line in out.splitlines()] == normswap.list_norms()
+
+
+def test_inspect_plans_without_modifying(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["inspect", "regnet_x_400mf", "--to", "gn", "--set", "num_groups=16"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("regnet_x_400mf: 71 norm layer(s)")
+    assert "plan (dry run)" in out and "num_groups=16" in out
+    assert "BatchNorm2d -> GroupNorm: 71" in out
+
+
+def test_inspect_with_input_shape_checks_ranks(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["inspect", "resnet18", "--to", "in", "--input-shape", "1,3,64,64"]) == 0
+    assert "InstanceNorm" in capsys.readouterr().out
+
+
+def test_convert_from_a_state_dict_file(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    source = torchvision.models.resnet18(num_classes=1000).eval()
+    with torch.no_grad():
+        for m in source.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_var.uniform_(0.5, 2.0)
+                m.running_mean.normal_()
+    weights = tmp_path / "resnet18.pth"
+    torch.save(source.state_dict(), weights)
+    out = tmp_path / "converted.pt"
+    argv = ["convert", "resnet18", "--to", "wn", "--weights", str(weights), "--out", str(out)]
+    assert cli.main(argv) == 0
+    saved = torch.load(out, weights_only=True)  # plain data only: safe to load
+    assert saved["format"] == cli.CHECKPOINT_FORMAT
+    assert saved["report"]["counts"]["BatchNorm2d -> folded"] == 20
+    # Rebuilding the recorded surgery on a fresh model and loading the weights reproduces it.
+    rebuilt = torchvision.models.resnet18().eval()
+    normswap.swap(rebuilt, normswap.spec_from_dict(saved["report"]["spec"]))
+    rebuilt.load_state_dict(saved["state_dict"])
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), source(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["inspect", "resnet"], "unknown model 'resnet'; choose one of: alexnet"),
+        (["inspect", "resnet18", "--to", "gn", "--set", "groups=4"], "valid fields"),
+        (["inspect", "resnet18", "--to", "gn", "--set", "num_groups"], "key=value"),
+        (["inspect", "resnet18", "--to", "gn", "--include", "layer9.*"], "matches no module"),
+        (["convert", "resnet18", "--to", "gn", "--weights", "NOPE", "--out", "x.pt"], "NOPE"),
+        (["convert", "resnet18", "--to", "gn", "--out", "/nonexistent/dir/x.pt"], "does not exist"),
+        (
+            ["convert", "resnet18", "--to", "gn", "--weights", "missing.pth", "--out", "x.pt"],
+            "does not exist",
+        ),
+    ],
+)
+def test_bad_input_exits_2_with_a_message(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    argv = [str(tmp_path / a) if a == "x.pt" else a for a in argv]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("normswap: error:") and message in err
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_missing_offline_weights_name_the_fix(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty cache: loading must fail
+
+    def no_network(*args: object, **kwargs: object) -> None:
+        raise OSError("no network in this test")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    argv = ["convert", "resnet18", "--to", "gn", "--weights", "IMAGENET1K_V1"]
+    assert cli.main([*argv, "--out", str(tmp_path / "r.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "resnet18-f37072fd.pth" in err and "checkpoints" in err
+
+
+def test_demo_on_the_real_pretrained_mobilenet(capsys: pytest.CaptureFixture[str]) -> None:
+    assert demo.main() == 0
+    out = capsys.readouterr().out
+    assert "china.jpg" in out and "flower.jpg" in out
+    assert "BatchNorm2d -> GroupNorm: 52" in out
+    # Folding BN into the convs keeps the pretrained predictions.
+    assert "weight norm, BN folded   top-1 agreement 100%" in out

@@ -29,6 +29,11 @@ IMAGE_SIZE = {
     "quantized_inception_v3": 299,
     "maxvit_t": 224,  # fixed input size
 }
+# GoogLeNet and Inception warn (FutureWarning) unless init_weights is explicit.
+EXTRA_KWARGS: dict[str, dict[str, Any]] = {
+    name: {"init_weights": True}
+    for name in ("googlenet", "inception_v3", "quantized_googlenet", "quantized_inception_v3")
+}
 VIDEO_SHAPE = {"s3d": (1, 3, 16, 224, 224)}  # its final AvgPool3d is (2, 7, 7)
 
 
@@ -38,8 +43,7 @@ def build(name: str, *, meta: bool = False) -> nn.Module:
     params = inspect.signature(torchvision.models.get_model_builder(name)).parameters
     if "weights_backbone" in params:
         kwargs["weights_backbone"] = None
-    if "init_weights" in params:  # googlenet/inception warn unless it is explicit
-        kwargs["init_weights"] = True
+    kwargs.update(EXTRA_KWARGS.get(name, {}))
     if name in DETECTION and not name.startswith("ssd"):
         kwargs.update(min_size=128, max_size=128)
     if meta:

@@ -34,6 +34,7 @@ from normswap.norms import (
 )
 from normswap.plan import Plan, plan
 from normswap.report import SwapRecord, SwapReport
+from normswap.restore import restore, surgery_record
 from normswap.sources import SourceNorm, describe_source, is_source_norm, register_source
 from normswap.specs import (
     AdaLINSpec,
@@ -100,8 +101,10 @@ __all__ = [
     "register_source",
     "register_target",
     "resolve_groups",
+    "restore",
     "spec_from_dict",
     "standardize_weight",
+    "surgery_record",
     "swap",
     "trace",
     "weight_norm",

@@ -24,6 +24,7 @@ from normswap.errors import NormSwapError
 from normswap.meta import init_on_meta
 from normswap.norms import NORM_LAYERS
 from normswap.report import SwapReport
+from normswap.restore import surgery_record
 from normswap.sources import is_source_norm
 from normswap.specs import get_spec, list_norms
 from normswap.surgery import swap
@@ -195,9 +196,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
             "format": CHECKPOINT_FORMAT,
             "model": args.model,
             "weights": args.weights,
-            "include": list(args.include),
-            "exclude": list(args.exclude),
-            "report": report.to_dict(),
+            "normswap": surgery_record(report, args.include or None, args.exclude or None),
             "state_dict": model.state_dict(),
         },
         out,

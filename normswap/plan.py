@@ -227,7 +227,7 @@ def plan(
         if facts is not None and paths[0] in facts.norms and facts.norms[paths[0]].calls:
             seen = facts.norms[paths[0]]
             rank = seen.input_rank
-            spatial = min(math.prod(shape[2:]) for shape in seen.input_shapes)
+            spatial = min((math.prod(shape[2:]) for shape in seen.input_shapes), default=None)
         elif src.ranks is not None and len(src.ranks) == 1:
             rank = src.ranks[0]
         decision = target.decide(src, spec, NormContext(paths[0], rank, facts, spatial))

@@ -46,11 +46,11 @@ def test_convert_from_a_state_dict_file(tmp_path: Path) -> None:
     assert cli.main(argv) == 0
     saved = torch.load(out, weights_only=True)  # plain data only: safe to load
     assert saved["format"] == cli.CHECKPOINT_FORMAT
-    assert saved["report"]["counts"]["BatchNorm2d -> folded"] == 20
-    # Rebuilding the recorded surgery on a fresh model and loading the weights reproduces it.
+    assert saved["normswap"]["report"]["counts"]["BatchNorm2d -> folded"] == 20
+    # Replaying the recorded surgery on a fresh model and loading the weights reproduces it.
     rebuilt = torchvision.models.resnet18().eval()
-    normswap.swap(rebuilt, normswap.spec_from_dict(saved["report"]["spec"]))
-    rebuilt.load_state_dict(saved["state_dict"])
+    report = normswap.restore(rebuilt, out)
+    assert report.counts() == saved["normswap"]["report"]["counts"]
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(x), source(x), rtol=1e-4, atol=1e-4)

@@ -417,3 +417,13 @@ def test_ws_gn_standardizes_convs() -> None:
     torch.testing.assert_close(w.mean(dim=(1, 2, 3)), torch.zeros(8), atol=1e-5, rtol=0)
     model(torch.randn(2, 3, 8, 8)).sum().backward()
     assert_all_grads(model)
+
+
+def test_instance_statistics_refused_on_a_single_spatial_position() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.AdaptiveAvgPool2d(1), nn.BatchNorm2d(4))
+    for target in ("in", "adalin"):
+        with pytest.raises(SwapError, match="single one") as err:
+            normswap.swap(model, target, example_inputs=torch.randn(2, 3, 8, 8))
+        assert err.value.problems[0][0] == "2"
+    assert isinstance(model[2], nn.BatchNorm2d)
+    normswap.swap(model, "gn", num_groups=2, example_inputs=torch.randn(2, 3, 8, 8))

@@ -1,0 +1,178 @@
+"""Record a swap as plain data, and replay it on a freshly built model.
+
+A converted model's state dict only loads into a model with the same structure. The
+*surgery record* (spec, include/exclude, the report) travels with the weights — in a
+Lightning checkpoint (the ``NormSwap`` callback's state) or a ``normswap convert`` file —
+and :func:`restore` re-applies it to a fresh model before loading the weights, so a
+converted model can be rebuilt anywhere, without Lightning.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from normswap.errors import NormSwapError, SwapError
+from normswap.report import SwapReport
+from normswap.specs import NormSpec, WeightNormSpec, spec_from_dict
+from normswap.surgery import swap
+
+__all__ = ["RECORD_FORMAT", "find_record", "replay", "restore", "surgery_record"]
+
+RECORD_FORMAT = "normswap.surgery/1"
+
+
+def surgery_record(
+    report: SwapReport,
+    include: str | list[str] | tuple[str, ...] | None = None,
+    exclude: str | list[str] | tuple[str, ...] | None = None,
+) -> dict[str, Any]:
+    """The plain-data record of a swap (safe for ``torch.load(..., weights_only=True)``).
+
+    Example:
+        >>> import torchvision, normswap
+        >>> model = torchvision.models.resnet18()
+        >>> record = surgery_record(normswap.swap(model, "gn"))
+        >>> record["spec"]["name"]
+        'gn'
+    """
+
+    def _list(value: str | list[str] | tuple[str, ...] | None) -> list[str] | None:
+        if value is None:
+            return None
+        return [value] if isinstance(value, str) else list(value)
+
+    return {
+        "format": RECORD_FORMAT,
+        "spec": dict(report.spec),
+        "include": _list(include),
+        "exclude": _list(exclude),
+        "report": report.to_dict(),
+    }
+
+
+def find_record(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """Find the surgery record in a checkpoint dictionary.
+
+    Looks at the checkpoint itself, its ``"normswap"`` entry (``normswap convert`` files),
+    and its Lightning callback states (``checkpoint["callbacks"]["NormSwap..."]``).
+
+    Raises:
+        NormSwapError: no record, or several (say which keys; pass the one to use).
+
+    Example:
+        >>> find_record({"normswap": {"format": RECORD_FORMAT, "spec": {"name": "gn"}}})["spec"]
+        {'name': 'gn'}
+    """
+    if checkpoint.get("format") == RECORD_FORMAT:
+        return dict(checkpoint)
+    if isinstance(checkpoint.get("normswap"), Mapping):
+        return dict(checkpoint["normswap"])
+    callbacks = checkpoint.get("callbacks") or {}
+    found = {
+        key: state
+        for key, state in callbacks.items()
+        if isinstance(state, Mapping) and state.get("format") == RECORD_FORMAT
+    }
+    if len(found) == 1:
+        return dict(next(iter(found.values())))
+    if len(found) > 1:
+        raise NormSwapError(
+            f"the checkpoint holds {len(found)} normswap records ({', '.join(map(str, found))}); "
+            "pass the one to use: restore(model, checkpoint['callbacks'][KEY] | {...})"
+        )
+    raise NormSwapError(
+        "no normswap surgery record in this checkpoint: it was not written by the NormSwap "
+        "callback or `normswap convert` (load it with model.load_state_dict instead)"
+    )
+
+
+def replay(
+    model: nn.Module, record: Mapping[str, Any], *, example_inputs: Any = None
+) -> SwapReport:
+    """Re-apply the recorded swap to ``model`` and check it does the same thing.
+
+    Folding needs eval-mode BatchNorm: for ``wn`` with ``bn="fold"`` the model is put in
+    eval mode for the swap and its training flags are restored afterwards (the folded
+    values themselves come from the weights loaded next).
+
+    Raises:
+        SwapError: the model differs from the one recorded (first differing path named).
+
+    Example:
+        >>> import torchvision, normswap
+        >>> record = surgery_record(normswap.swap(torchvision.models.resnet18(), "gn"))
+        >>> len(replay(torchvision.models.resnet18(), record))
+        20
+    """
+    spec: NormSpec = spec_from_dict(record["spec"])
+    modes = {m: m.training for m in model.modules()}
+    if isinstance(spec, WeightNormSpec) and spec.bn == "fold":
+        model.eval()
+    try:
+        report = swap(
+            model,
+            spec,
+            include=record.get("include"),
+            exclude=record.get("exclude"),
+            example_inputs=example_inputs,
+        )
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    recorded = record.get("report", {}).get("records")
+    if recorded is not None:
+        want = [(r["path"], r["action"], r["target"]) for r in recorded]
+        got = [(r.path, r.action, r.target) for r in report]
+        if want != got:
+            diff = next(
+                (f"{w} != {g}" for w, g in zip(want, got, strict=False) if w != g),
+                f"{len(want)} recorded steps, {len(got)} now",
+            )
+            raise SwapError(
+                "the model differs from the one the record was made on: "
+                f"(path, action, target) {diff}; build the same architecture before restoring"
+            )
+    return report
+
+
+def restore(
+    model: nn.Module,
+    checkpoint: str | os.PathLike[str] | Mapping[str, Any],
+    *,
+    strict: bool = True,
+    example_inputs: Any = None,
+) -> SwapReport:
+    """Rebuild a converted model: replay the recorded surgery, then load the weights.
+
+    Works with Lightning checkpoints written with the ``NormSwap`` callback (pass a freshly
+    built LightningModule, or the inner model with ``checkpoint["state_dict"]`` keys that
+    match it) and with ``normswap convert`` files. Files are loaded with
+    ``weights_only=True``: nothing but tensors and plain data is unpickled.
+
+    Args:
+        model: a freshly built model of the same architecture (not yet converted).
+        checkpoint: a path or an already loaded checkpoint dictionary.
+        strict: passed to ``load_state_dict``.
+        example_inputs: inputs for tracing, when the recorded swap needed them.
+
+    Returns:
+        The report of the replayed swap.
+
+    Example:
+        >>> model = MyLitModule()  # doctest: +SKIP
+        >>> normswap.restore(model, "epoch=3.ckpt")  # doctest: +SKIP
+    """
+    if isinstance(checkpoint, (str, os.PathLike)):
+        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    record = find_record(checkpoint)
+    report = replay(model, record, example_inputs=example_inputs)
+    state = checkpoint.get("state_dict")
+    if state is None:
+        raise NormSwapError("the checkpoint has no 'state_dict' to load")
+    model.load_state_dict(state, strict=strict)
+    return report

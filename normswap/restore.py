@@ -10,7 +10,7 @@ converted model can be rebuilt anywhere, without Lightning.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -21,7 +21,14 @@ from normswap.report import SwapReport
 from normswap.specs import NormSpec, WeightNormSpec, spec_from_dict
 from normswap.surgery import swap
 
-__all__ = ["RECORD_FORMAT", "find_record", "replay", "restore", "surgery_record"]
+__all__ = [
+    "RECORD_FORMAT",
+    "find_record",
+    "replay",
+    "restore",
+    "surgery_record",
+    "swap_for_training",
+]
 
 RECORD_FORMAT = "normswap.surgery/1"
 
@@ -91,13 +98,50 @@ def find_record(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
     )
 
 
+def swap_for_training(
+    model: nn.Module,
+    spec: NormSpec,
+    *,
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
+    example_inputs: Any = None,
+    strict: bool = False,
+) -> SwapReport:
+    """:func:`~normswap.swap` for a model in training mode.
+
+    Folding uses running statistics, so for ``wn`` with ``bn="fold"`` the model is put in
+    eval mode for the swap and every module's training flag is restored afterwards.
+
+    Example:
+        >>> import torchvision
+        >>> from normswap.specs import WeightNormSpec
+        >>> model = torchvision.models.resnet18()  # training mode
+        >>> swap_for_training(model, WeightNormSpec(bn="fold")).counts()["BatchNorm2d -> folded"]
+        20
+    """
+    modes = {m: m.training for m in model.modules()}
+    if isinstance(spec, WeightNormSpec) and spec.bn == "fold":
+        model.eval()
+    try:
+        return swap(
+            model,
+            spec,
+            include=include,
+            exclude=exclude,
+            example_inputs=example_inputs,
+            strict=strict,
+        )
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
 def replay(
     model: nn.Module, record: Mapping[str, Any], *, example_inputs: Any = None
 ) -> SwapReport:
     """Re-apply the recorded swap to ``model`` and check it does the same thing.
 
-    Folding needs eval-mode BatchNorm: for ``wn`` with ``bn="fold"`` the model is put in
-    eval mode for the swap and its training flags are restored afterwards (the folded
+    Uses :func:`swap_for_training`, so a model in training mode can be restored (folded
     values themselves come from the weights loaded next).
 
     Raises:
@@ -109,21 +153,13 @@ def replay(
         >>> len(replay(torchvision.models.resnet18(), record))
         20
     """
-    spec: NormSpec = spec_from_dict(record["spec"])
-    modes = {m: m.training for m in model.modules()}
-    if isinstance(spec, WeightNormSpec) and spec.bn == "fold":
-        model.eval()
-    try:
-        report = swap(
-            model,
-            spec,
-            include=record.get("include"),
-            exclude=record.get("exclude"),
-            example_inputs=example_inputs,
-        )
-    finally:
-        for module, training in modes.items():
-            module.training = training
+    report = swap_for_training(
+        model,
+        spec_from_dict(record["spec"]),
+        include=record.get("include"),
+        exclude=record.get("exclude"),
+        example_inputs=example_inputs,
+    )
     recorded = record.get("report", {}).get("records")
     if recorded is not None:
         want = [(r["path"], r["action"], r["target"]) for r in recorded]

@@ -1,0 +1,8 @@
+"""Lightning callbacks: ``NormSwap`` (the surgery) and ``NormMonitor`` (per-norm metrics).
+
+This subpackage imports PyTorch Lightning; the rest of normswap does not.
+"""
+
+from normswap.callbacks.swap import CalibrateFn, NormSwap
+
+__all__ = ["CalibrateFn", "NormSwap"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import inspect
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,15 +20,15 @@ import torch
 from torch import nn
 
 from normswap.errors import NormSwapError
-from normswap.meta import init_on_meta
 from normswap.norms import NORM_LAYERS
 from normswap.report import SwapReport
 from normswap.restore import surgery_record
 from normswap.sources import is_source_norm
 from normswap.specs import get_spec, list_norms
 from normswap.surgery import swap
+from normswap.zoo import build_model
 
-__all__ = ["CHECKPOINT_FORMAT", "build_model", "main", "parse_overrides"]
+__all__ = ["CHECKPOINT_FORMAT", "main", "parse_overrides"]
 
 CHECKPOINT_FORMAT = "normswap.convert/1"
 
@@ -65,66 +64,6 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
             value = raw
         out[key.strip()] = value
     return out
-
-
-def build_model(name: str, weights: str | None = None, *, meta: bool = False) -> nn.Module:
-    """Build a torchvision model by name, with optional weights (a weights name or a file).
-
-    Args:
-        name: any name from ``torchvision.models.list_models()``.
-        weights: a torchvision weights name (``"IMAGENET1K_V1"``, ``"DEFAULT"``) loaded
-            through torchvision's cache, or the path of a state-dict checkpoint (loaded with
-            ``weights_only=True``).
-        meta: build on the meta device (no memory; for inspection only).
-
-    Raises:
-        CLIError: unknown model (the valid names are listed), weights that cannot be found.
-
-    Example:
-        >>> type(build_model("resnet18", meta=True)).__name__
-        'ResNet'
-    """
-    import torchvision
-
-    names = torchvision.models.list_models()
-    if name not in names:
-        raise CLIError(f"unknown model {name!r}; choose one of: {', '.join(names)}")
-    builder_params = inspect.signature(torchvision.models.get_model_builder(name)).parameters
-    # Never fetch a pretrained backbone behind the user's back (segmentation/detection
-    # builders default to one): weights=None means random weights everywhere.
-    no_backbone = {"weights_backbone": None} if "weights_backbone" in builder_params else {}
-    if weights is None:
-        if meta:
-            with init_on_meta():
-                return torchvision.models.get_model(name, weights=None, **no_backbone)
-        return torchvision.models.get_model(name, weights=None, **no_backbone)
-    path = Path(weights)
-    if path.suffix in {".pt", ".pth", ".ckpt", ".bin"} or path.exists():
-        if not path.is_file():
-            raise CLIError(f"weights file {str(path)!r} does not exist")
-        model = torchvision.models.get_model(name, weights=None, **no_backbone)
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "state_dict" in state:
-            state = state["state_dict"]
-        model.load_state_dict(state)
-        return model
-    enum = torchvision.models.get_model_weights(name)
-    valid = [w.name for w in enum]
-    if weights not in (*valid, "DEFAULT"):
-        raise CLIError(
-            f"model {name!r} has no weights {weights!r}; choose one of: {', '.join(valid)}, "
-            "DEFAULT, or a path to a state-dict file"
-        )
-    try:
-        return torchvision.models.get_model(name, weights=weights)
-    except (OSError, RuntimeError) as err:  # a download was attempted and failed
-        url = (enum.DEFAULT if weights == "DEFAULT" else enum[weights]).url
-        raise CLIError(
-            f"could not load {name} weights {weights!r} ({type(err).__name__}): this machine "
-            f"cannot download them; put {url.rsplit('/', 1)[-1]} into "
-            f"{torch.hub.get_dir()}/checkpoints/ (or set TORCH_HOME), "
-            "or pass --weights PATH to a state-dict file"
-        ) from err
 
 
 def _parse_shape(text: str | None) -> tuple[int, ...] | None:
@@ -205,6 +144,17 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from normswap.app.report import write_report
+
+    table, files = write_report(args.runs, args.out)
+    print(table)
+    print()
+    for path in files:
+        print(f"wrote {path}")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="normswap", description="Replace BatchNorm in torchvision models."
@@ -239,6 +189,10 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--weights", help="torchvision weights name or state-dict file")
     convert.add_argument("--out", required=True, help="output file (.pt)")
     convert.set_defaults(func=_cmd_convert)
+    report = sub.add_parser("report", help="table and plots of normswap-train runs")
+    report.add_argument("runs", help="a run or multirun output directory")
+    report.add_argument("--out", help="where to write report.md and plots (default: RUNS)")
+    report.set_defaults(func=_cmd_report)
     return parser
 
 

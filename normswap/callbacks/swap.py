@@ -175,6 +175,8 @@ class NormSwap(Callback):
         )
 
     def _log_report(self, trainer: pl.Trainer, report: SwapReport) -> None:
+        # trainer.log_dir broadcasts from rank zero: every rank must ask, or DDP deadlocks.
+        log_dir = trainer.log_dir if trainer.loggers else None
         if not trainer.is_global_zero:
             return
         rank_zero_info(str(report))
@@ -183,9 +185,9 @@ class NormSwap(Callback):
             logger.log_hyperparams({"normswap/spec": self.spec.name, **counts})
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_text("normswap/report", f"```\n{report}\n```")
-        if trainer.loggers and trainer.log_dir is not None:
-            os.makedirs(trainer.log_dir, exist_ok=True)
-            path = os.path.join(trainer.log_dir, "normswap_report.json")
+        if log_dir is not None:
+            os.makedirs(log_dir, exist_ok=True)
+            path = os.path.join(log_dir, "normswap_report.json")
             with open(path, "w", encoding="utf-8") as f:
                 json.dump(report.to_dict(), f, indent=1)
 

@@ -50,7 +50,8 @@ def main(out: Path) -> None:
         devices=2,
         strategy="ddp",
         max_steps=2,
-        logger=False,
+        # A logger makes NormSwap ask for trainer.log_dir, a collective: all ranks must call it.
+        logger=pl.loggers.CSVLogger(str(out), name="logs"),
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,

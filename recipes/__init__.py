@@ -1,0 +1,1 @@
+"""Ready experiments for ``normswap-train +recipe=NAME`` (Hydra ``# @package _global_`` files)."""

@@ -1,0 +1,246 @@
+"""The Hydra app: every config option composes and instantiates, every recipe runs, a sweep
+is reported, and bad overrides fail before training with one clear message."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from hydra import compose, initialize_config_module
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import get_method, instantiate
+from omegaconf import OmegaConf, open_dict
+
+import normswap
+from normswap.app.train import build_norm_callback, register_recipes
+
+CONF = Path(normswap.__file__).parent.parent / "conf"
+RECIPES = sorted(p.stem for p in (CONF.parent / "recipes").glob("*.yaml"))
+TRAIN = [sys.executable, "-m", "normswap.app.train"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def _compose(overrides: list[str], tmp_path: Path):
+    register_recipes()
+    with initialize_config_module("normswap.conf", version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(tmp_path)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def _bindable(node) -> None:
+    """The node's _target_ accepts its keys (the YAML matches the real signature)."""
+    target = get_method(node._target_)
+    kwargs = {k: v for k, v in node.items() if not k.startswith("_")}
+    inspect.signature(target).bind_partial(**kwargs)
+
+
+def test_groups_have_the_documented_options() -> None:
+    assert options("norm") == sorted(["bn", *normswap.list_norms()])
+    assert options("data") == ["digits", "fake", "fashion_mnist", "imagefolder"]
+    assert options("trainer") == ["cpu", "ddp", "ddp_sim", "gpu", "multinode"]
+    assert options("logger") == ["csv", "tensorboard"]
+    assert options("task") == ["classify", "denoise"]
+    assert RECIPES == [
+        "adaln_conditional",
+        "fold_wn",
+        "norm_shootout",
+        "pretrained_gn",
+        "small_batch",
+    ]
+
+
+@pytest.mark.parametrize("norm", options("norm"))
+def test_norm_options_match_the_specs(norm: str, tmp_path: Path) -> None:
+    cfg = _compose([f"norm={norm}"], tmp_path)
+    callback = build_norm_callback(cfg.norm)
+    if norm == "bn":
+        assert callback is None
+        return
+    fields = {f.name for f in dataclasses.fields(normswap.get_spec(callback.spec))}
+    assert set(cfg.norm) - {"spec", "include", "exclude"} == fields, "YAML drifted from the spec"
+    assert callback.spec.name == norm
+
+
+@pytest.mark.parametrize("data", options("data"))
+def test_data_options_instantiate(data: str, tmp_path: Path) -> None:
+    overrides = [f"data={data}"]
+    if data == "imagefolder":
+        from PIL import Image
+
+        for cls in ("a", "b"):
+            (tmp_path / "img" / cls).mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (20, 20), (40 * i, 80, 120)).save(
+                    tmp_path / "img" / cls / f"{i}.png"
+                )
+        overrides.append(f"data.root={tmp_path / 'img'}")
+    if data == "fashion_mnist":
+        overrides += ["data.train_size=64", "data.test_size=32", "data.val_size=32"]
+    cfg = _compose(overrides, tmp_path)
+    dm = instantiate(cfg.data)
+    dm.prepare()
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape[1] == dm.in_channels and y.max() < dm.num_classes
+
+
+@pytest.mark.parametrize("model", options("model"))
+def test_model_options_instantiate(model: str, tmp_path: Path) -> None:
+    cfg = _compose([f"model={model}"], tmp_path)
+    net = instantiate(cfg.model)(num_classes=10, in_channels=1)
+    out = net(torch.randn(2, 1, 28, 28))
+    out = out["out"] if isinstance(out, dict) else out
+    assert out.shape[0] == 2
+
+
+@pytest.mark.parametrize("task", options("task"))
+def test_task_options_instantiate(task: str, tmp_path: Path) -> None:
+    cfg = _compose([f"task={task}"], tmp_path)
+    module = instantiate(cfg.task)(model=torch.nn.Linear(2, 2))
+    assert isinstance(module, normswap.app.tasks._Task)
+
+
+@pytest.mark.parametrize("trainer", options("trainer"))
+def test_trainer_options(trainer: str, tmp_path: Path) -> None:
+    cfg = _compose([f"trainer={trainer}"], tmp_path)
+    _bindable(cfg.trainer)
+    if cfg.trainer.accelerator == "cpu":  # GPU trainers cannot be built on this machine
+        instantiate(cfg.trainer, logger=False)
+
+
+@pytest.mark.parametrize("group", ["callbacks", "logger"])
+def test_callbacks_and_loggers_instantiate(group: str, tmp_path: Path) -> None:
+    for option in options(group):
+        cfg = _compose([f"{group}={option}"], tmp_path)
+        if group == "logger":
+            assert instantiate(cfg.logger).save_dir == str(tmp_path)
+        else:
+            for node in cfg.callbacks.values():
+                instantiate(node)
+
+
+def test_launchers(tmp_path: Path) -> None:
+    cfg = _compose(["hydra/launcher=parallel"], tmp_path)
+    assert cfg.hydra.launcher.n_jobs == 2
+    assert "joblib" in cfg.hydra.launcher._target_.lower()
+    # The SLURM example needs hydra-submitit-launcher (not installed here): check what it is.
+    slurm = yaml.safe_load((CONF / "hydra" / "launcher" / "slurm.yaml").read_text())
+    assert slurm["defaults"] == ["submitit_slurm"]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
+
+
+def _train(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*TRAIN, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=_env()
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_runs_fast_dev_run(recipe: str, tmp_path: Path) -> None:
+    proc = _train(
+        [
+            f"+recipe={recipe}",
+            "++trainer.fast_dev_run=true",
+            "callbacks=minimal",
+            f"hydra.run.dir={tmp_path}/run",
+            f"hydra.sweep.dir={tmp_path}/multirun",
+        ],
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(p.read_text()) for p in tmp_path.rglob("metrics.json")]
+    sweep = OmegaConf.load(CONF.parent / "recipes" / f"{recipe}.yaml").get("hydra", {})
+    expected = 1
+    for values in sweep.get("sweeper", {}).get("params", {}).values():
+        expected *= len(str(values).split(","))
+    assert len(rows) == expected
+    assert all(r["steps"] == 1 for r in rows)
+
+
+@pytest.mark.slow
+def test_sweep_then_report(tmp_path: Path) -> None:
+    proc = _train(
+        [
+            "-m",
+            "norm=bn,gn",
+            "data=digits",
+            "callbacks=minimal",
+            "logger=csv",
+            "model.input_size=16",
+            "trainer.max_epochs=2",
+            "++trainer.limit_train_batches=6",
+            "++trainer.limit_val_batches=3",
+            "++trainer.limit_test_batches=3",
+            "trainer.log_every_n_steps=2",
+            f"hydra.sweep.dir={tmp_path}/sweep",
+        ],
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = subprocess.run(
+        [sys.executable, "-m", "normswap.cli", "report", str(tmp_path / "sweep")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert report.returncode == 0, report.stderr
+    table = (tmp_path / "sweep" / "report.md").read_text()
+    assert "| rank | model | norm | batch | val_acc |" in table
+    assert "| resnet18 | bn | 32 |" in table and "| resnet18 | gn | 32 |" in table
+    for name in ("accuracy_per_norm.png", "accuracy_vs_batch.png", "training_curves.png"):
+        assert (tmp_path / "sweep" / name).stat().st_size > 1000
+    for run in (tmp_path / "sweep").glob("*_norm=*"):
+        assert (run / ".hydra" / "config.yaml").is_file()
+        assert (run / "metrics.json").is_file()
+    assert list((tmp_path / "sweep").rglob("normswap_report.json"))  # the gn run's swap report
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.name=resnet", "unknown model 'resnet'; choose one of: alexnet"),
+        ("norm=batchnorm", "Could not find 'norm/batchnorm'"),
+        ("norm=gn norm.num_groups=0", "num_groups must be a positive integer, got 0"),
+        ("data.root=/nonexistent", "make assets"),
+        ("data=imagefolder data.root=/nonexistent", "is not a folder"),
+        ("model.name=resnet50 model.weights=IMAGENET1K_V2", "cannot download them; put resnet50"),
+        ("model.weights=missing.pth", "weights file 'missing.pth' does not exist"),
+        ("data.batch_size=0", "data.batch_size must be a positive integer, got 0"),
+    ],
+)
+def test_bad_overrides_fail_before_training(override: str, message: str, tmp_path: Path) -> None:
+    env = {**_env(), "TORCH_HOME": str(tmp_path / "empty_cache")}
+    proc = subprocess.run(
+        [
+            *TRAIN,
+            *override.split(),
+            "data=digits" if "data" not in override else "seed=0",
+            f"hydra.run.dir={tmp_path}/run",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not list(tmp_path.rglob("metrics.json"))

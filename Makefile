@@ -18,10 +18,10 @@ PIP_INSTALL_FLAGS := $(if $(CI),--progress-bar off,)
 # puts the MobileNetV2 checkpoint there, so tests and the demo never download anything.
 export TORCH_HOME ?= $(CURDIR)/.cache/torch
 
-.PHONY: help venv assets lint format test demo bench clean distclean
+.PHONY: help venv assets lint format test demo demo-pretrained bench clean distclean
 
 help: ## list the targets
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
 venv: $(STAMP) ## create/refresh .venv (only when pyproject.toml or constraints.txt changed)
 
@@ -45,8 +45,11 @@ test: venv assets ## lint, then the whole pytest suite (slow and ddp tests inclu
 	$(MAKE) --no-print-directory lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
-demo: venv assets ## run the demo (python -m normswap.demo)
+demo: venv assets ## the norm shootout on Fashion-MNIST + its report (outputs/demo/)
 	$(PY) -m normswap.demo $(ARGS)
+
+demo-pretrained: venv assets ## the real pretrained MobileNetV2: BN vs GN (copied) vs WN (folded)
+	$(PY) -m normswap.demo_pretrained
 
 bench: venv assets ## run every benchmarks/*.py in turn
 	@shopt -s nullglob; scripts=(benchmarks/*.py); \

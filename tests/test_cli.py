@@ -9,7 +9,7 @@ import torch
 import torchvision
 
 import normswap
-from normswap import cli, demo
+from normswap import cli, demo_pretrained
 
 
 def test_list(capsys: pytest.CaptureFixture[str]) -> None:
@@ -97,7 +97,7 @@ def test_missing_offline_weights_name_the_fix(
 
 
 def test_demo_on_the_real_pretrained_mobilenet(capsys: pytest.CaptureFixture[str]) -> None:
-    assert demo.main() == 0
+    assert demo_pretrained.main() == 0
     out = capsys.readouterr().out
     assert "china.jpg" in out and "flower.jpg" in out
     assert "BatchNorm2d -> GroupNorm: 52" in out

@@ -244,3 +244,17 @@ def test_bad_overrides_fail_before_training(override: str, message: str, tmp_pat
     assert message in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert not list(tmp_path.rglob("metrics.json"))
+
+
+@pytest.mark.slow
+def test_demo_runs_the_shootout_and_reports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from normswap import demo
+
+    monkeypatch.setattr(demo, "OUT", tmp_path / "demo")
+    assert demo.main(["++trainer.fast_dev_run=true", "hydra.sweeper.params.norm=bn,gn"]) == 0
+    out = capsys.readouterr().out
+    assert "| rank | model | norm |" in out
+    assert (tmp_path / "demo" / "report.md").is_file()
+    assert (tmp_path / "demo" / "accuracy_per_norm.png").is_file()

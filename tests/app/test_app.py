@@ -253,7 +253,7 @@ def test_demo_runs_the_shootout_and_reports(
     from normswap import demo
 
     monkeypatch.setattr(demo, "OUT", tmp_path / "demo")
-    assert demo.main(["++trainer.fast_dev_run=true", "hydra.sweeper.params.norm=bn,gn"]) == 0
+    assert demo.main(["++trainer.fast_dev_run=true", "norm=bn,gn"]) == 0
     out = capsys.readouterr().out
     assert "| rank | model | norm |" in out
     assert (tmp_path / "demo" / "report.md").is_file()

@@ -19,6 +19,7 @@ from normswap.errors import (
     UnsupportedModuleError,
 )
 from normswap.fold import fold_bn, fold_conv_bn
+from normswap.metrics import family_of, list_families, register_family
 from normswap.norms import (
     AdaLIN,
     AdaLN,
@@ -91,12 +92,15 @@ __all__ = [
     "apply",
     "condition",
     "describe_source",
+    "family_of",
     "fold_bn",
     "fold_conv_bn",
     "get_spec",
     "is_source_norm",
+    "list_families",
     "list_norms",
     "plan",
+    "register_family",
     "register_norm",
     "register_source",
     "register_target",

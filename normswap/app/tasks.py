@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any
 
 import pytorch_lightning as pl
@@ -20,12 +21,29 @@ def _cond_dim(model: nn.Module) -> int | None:
     return dims.pop() if len(dims) == 1 else None
 
 
+def lr_factor(step: int, steps: int, warmup: float) -> float:
+    """Learning-rate multiplier at ``step`` of ``steps``: linear warm-up over the first
+    ``warmup`` fraction, then cosine decay to 0.
+
+    Example:
+        >>> [round(lr_factor(s, 10, 0.2), 2) for s in (0, 1, 2, 6, 10)]
+        [0.33, 0.67, 1.0, 0.5, 0.0]
+    """
+    ramp = int(warmup * steps)
+    if step < ramp:
+        return (step + 1) / (ramp + 1)
+    done = min(step - ramp, steps - ramp) / max(steps - ramp, 1)
+    return 0.5 * (1 + math.cos(math.pi * done))
+
+
 class _Task(pl.LightningModule):
-    """Shared optimizer set-up: SGD (momentum) or AdamW, cosine decay over the run.
+    """Shared optimizer set-up: SGD (momentum) or AdamW, linear warm-up then cosine decay.
 
     ``lr`` is for a batch of ``lr_reference_batch`` images and scaled linearly with the
     actual per-device batch size (the GN paper's rule), so a batch-size sweep compares
-    norms, not learning rates.
+    norms, not learning rates. The first ``warmup`` fraction of the steps ramps the learning
+    rate up linearly (as the GN paper's training does): without it, channels-only LayerNorm
+    (``ln2d``) diverges in its first steps at SGD lr 0.05 and never recovers.
     """
 
     def __init__(
@@ -35,12 +53,18 @@ class _Task(pl.LightningModule):
         optimizer: str = "sgd",
         weight_decay: float = 5e-4,
         lr_reference_batch: int | None = 32,
+        warmup: float = 0.1,
     ) -> None:
         super().__init__()
         if optimizer not in ("sgd", "adamw"):
             raise ValueError(f"task.optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
         if not lr > 0:
             raise ValueError(f"task.lr must be positive, got {lr!r}")
+        if not 0 <= warmup < 1:
+            raise ValueError(
+                f"task.warmup must be a fraction of the steps in [0, 1), got {warmup!r}"
+            )
+        self.warmup = warmup
         self.model = model
         self.lr, self.optimizer_name, self.weight_decay = lr, optimizer, weight_decay
         self.lr_reference_batch = lr_reference_batch
@@ -68,7 +92,7 @@ class _Task(pl.LightningModule):
             opt = torch.optim.AdamW(params, lr=lr, weight_decay=self.weight_decay)
         steps = max(1, int(self.trainer.estimated_stepping_batches))
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+            opt, partial(lr_factor, steps=steps, warmup=self.warmup)
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -134,8 +158,9 @@ class DenoiseTask(_Task):
         optimizer: str = "adamw",
         weight_decay: float = 0.0,
         lr_reference_batch: int | None = None,
+        warmup: float = 0.0,
     ) -> None:
-        super().__init__(model, lr, optimizer, weight_decay, lr_reference_batch)
+        super().__init__(model, lr, optimizer, weight_decay, lr_reference_batch, warmup)
         if not 0 < sigma_min <= sigma_max:
             raise ValueError(f"need 0 < sigma_min <= sigma_max, got {sigma_min}, {sigma_max}")
         self.conditional, self.sigma_min, self.sigma_max = conditional, sigma_min, sigma_max

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import math
 import os
 import subprocess
 import sys
@@ -258,3 +259,18 @@ def test_demo_runs_the_shootout_and_reports(
     assert "| rank | model | norm |" in out
     assert (tmp_path / "demo" / "report.md").is_file()
     assert (tmp_path / "demo" / "accuracy_per_norm.png").is_file()
+
+
+def test_lr_schedule_ramps_up_linearly_then_decays_to_zero():
+    from normswap.app.tasks import ClassificationTask, lr_factor
+
+    steps, warmup = 100, 0.1
+    factors = [lr_factor(s, steps, warmup) for s in range(steps + 1)]
+    assert factors[:10] == pytest.approx([(s + 1) / 11 for s in range(10)])
+    assert factors[10] == 1.0
+    expected = [0.5 * (1 + math.cos(math.pi * (s - 10) / 90)) for s in range(10, steps + 1)]
+    assert factors[10:] == pytest.approx(expected)
+    assert factors[-1] == pytest.approx(0.0, abs=1e-12)
+    assert [lr_factor(s, 10, 0.0) for s in (0, 10)] == pytest.approx([1.0, 0.0])
+    with pytest.raises(ValueError, match=r"task.warmup must be a fraction .* got 1.0"):
+        ClassificationTask(torch.nn.Linear(2, 2), warmup=1.0)

@@ -1,0 +1,82 @@
+"""normswap.pretrained.convert_pretrained: swap + calibrate + distill in one call."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from helpers import snapshot
+from test_distill import _inputs, _teacher
+from torch import nn
+
+from normswap.calibrate import CalibrationError
+from normswap.distill import fidelity
+from normswap.errors import SpecError
+from normswap.pretrained import ConversionResult, convert_pretrained
+
+
+def test_gn_conversion_comes_back_to_the_original():
+    model = _teacher()
+    original = _teacher()
+    held_out = _inputs(128, 3)
+    result = convert_pretrained(
+        model,
+        "gn",
+        _inputs(512, 2),
+        budget=60,
+        distill_steps=40,
+        lr=3e-3,
+        val_data=held_out,
+        progress=False,
+        num_groups=4,
+    )
+    assert isinstance(result, ConversionResult)
+    assert result.report.counts() == {"BatchNorm2d -> GroupNorm": 2}
+    assert result.report[0].groups == 4
+    assert result.calibration is not None and len(result.calibration) == 2
+    assert result.distillation is not None and result.distillation.steps <= 40
+    assert result.fidelity is not None and result.fidelity.samples == 128
+    assert result.fidelity.agreement > 0.9
+    assert result.fidelity == fidelity(model, original, held_out)
+    assert "fidelity on held-out inputs" in str(result)
+    assert result.to_dict()["calibration"]["samples"] == 256
+
+
+def test_wn_with_fold_is_exact_and_skips_the_data_driven_steps():
+    model = _teacher()
+    original = _teacher()
+    x = _inputs(64, 3)
+    result = convert_pretrained(model, "wn", _inputs(64, 2), val_data=x, progress=False)
+    assert result.calibration is None and result.distillation is None
+    assert result.fidelity is not None
+    assert result.fidelity.agreement == 1.0 and result.fidelity.max_abs_diff < 1e-4
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), original(x), atol=1e-4, rtol=1e-4)
+
+
+def test_budget_estimates_the_steps_and_training_flags_are_restored():
+    model = _teacher().train()
+    start = time.perf_counter()
+    result = convert_pretrained(
+        model, "ln", _inputs(256, 2), budget=3.0, clock=time.process_time, progress=False
+    )
+    assert time.perf_counter() - start < 30
+    assert result.distillation is not None and result.distillation.steps >= 1
+    assert model.training and all(m.training for m in model.modules())
+
+
+def test_bad_input_is_refused_before_the_model_changes():
+    model = _teacher()
+    before = snapshot(model)
+    with pytest.raises(CalibrationError, match="cannot run"):
+        convert_pretrained(model, "gn", torch.randn(8, 7), progress=False, num_groups=4)
+    with pytest.raises(CalibrationError, match="empty"):
+        convert_pretrained(model, "gn", [], progress=False, num_groups=4)
+    with pytest.raises(CalibrationError, match="budget"):
+        convert_pretrained(model, "gn", _inputs(8, 1), budget=0, progress=False)
+    with pytest.raises(SpecError, match="unknown norm"):
+        convert_pretrained(model, "batchnorm", _inputs(8, 1), progress=False)
+    assert all(type(m) is not nn.GroupNorm for m in model.modules())
+    for key, value in before.items():
+        assert torch.equal(model.state_dict()[key], value), key

@@ -9,6 +9,8 @@ Example:
 
 from __future__ import annotations
 
+from normswap.calibrate import CalibrationError, CalibrationReport, calibrate, register_fitter
+from normswap.distill import DistillReport, Fidelity, distill, fidelity
 from normswap.errors import (
     ConditionError,
     FoldError,
@@ -34,6 +36,7 @@ from normswap.norms import (
     weight_norm,
 )
 from normswap.plan import Plan, plan
+from normswap.pretrained import ConversionResult, convert_pretrained
 from normswap.report import SwapRecord, SwapReport
 from normswap.restore import restore, surgery_record
 from normswap.sources import SourceNorm, describe_source, is_source_norm, register_source
@@ -63,7 +66,12 @@ __all__ = [
     "AdaLINSpec",
     "AdaLN",
     "AdaLNSpec",
+    "CalibrationError",
+    "CalibrationReport",
     "ConditionError",
+    "ConversionResult",
+    "DistillReport",
+    "Fidelity",
     "FoldError",
     "GraphFacts",
     "GroupNorm",
@@ -90,9 +98,13 @@ __all__ = [
     "WeightStandardization",
     "__version__",
     "apply",
+    "calibrate",
     "condition",
+    "convert_pretrained",
     "describe_source",
+    "distill",
     "family_of",
+    "fidelity",
     "fold_bn",
     "fold_conv_bn",
     "get_spec",
@@ -101,6 +113,7 @@ __all__ = [
     "list_norms",
     "plan",
     "register_family",
+    "register_fitter",
     "register_norm",
     "register_source",
     "register_target",

@@ -5,6 +5,13 @@ Examples::
     normswap list
     normswap inspect resnet50 --to gn --set num_groups=16
     normswap convert mobilenet_v2 --to gn --weights IMAGENET1K_V1 --out mbv2_gn.pt
+    normswap convert mobilenet_v2 --to gn --weights IMAGENET1K_V1 --out mbv2_gn.pt \
+        --calibrate path/to/unlabeled/images --budget 600
+
+With ``--calibrate DATA`` the conversion keeps what the pretrained model learned:
+:func:`normswap.convert_pretrained` (swap, closed-form calibration, self-distillation for what
+is left of ``--budget`` seconds) on unlabeled images from ``DATA`` (a folder of images, a
+``.pt`` tensor file, or ``fashion-mnist``), and the checkpoint records what it reached.
 """
 
 from __future__ import annotations
@@ -126,16 +133,44 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         raise CLIError(f"--out {str(out)!r} is a directory; give a file path such as model.pt")
     if not out.parent.exists():
         raise CLIError(f"the folder {str(out.parent)!r} does not exist; create it first")
+    overrides = parse_overrides(args.set)
+    get_spec(args.to, **overrides)  # a bad spec fails before anything is loaded
+    data = None
+    if args.calibrate is not None:
+        if args.input_shape:
+            raise CLIError("--calibrate traces with its own images; drop --input-shape")
+        from normswap.data import load_images
+
+        data = load_images(args.calibrate, args.size, limit=args.samples)
     model = build_model(args.model, args.weights)
     model.eval()  # pretrained conversion (and folding) use running statistics
-    report = _swap_from_args(model, args, dry_run=False)
-    print(report)
+    conversion = None
+    if data is None:
+        report = _swap_from_args(model, args, dry_run=False)
+        print(report)
+    else:
+        from normswap.pretrained import convert_pretrained
+
+        result = convert_pretrained(
+            model,
+            args.to,
+            data,
+            budget=args.budget,
+            distill_steps=args.distill_steps,
+            include=args.include or None,
+            exclude=args.exclude or None,
+            **overrides,
+        )
+        report, conversion = result.report, result.to_dict()
+        del conversion["report"]  # the record below holds the plan
+        print(result)
     torch.save(
         {
             "format": CHECKPOINT_FORMAT,
             "model": args.model,
             "weights": args.weights,
             "normswap": surgery_record(report, args.include or None, args.exclude or None),
+            "conversion": conversion,
             "state_dict": model.state_dict(),
         },
         out,
@@ -188,6 +223,23 @@ def _parser() -> argparse.ArgumentParser:
     common(convert, need_to=True)
     convert.add_argument("--weights", help="torchvision weights name or state-dict file")
     convert.add_argument("--out", required=True, help="output file (.pt)")
+    convert.add_argument(
+        "--calibrate",
+        metavar="DATA",
+        help="keep the pretrained behaviour: calibrate + distill on unlabeled images from DATA "
+        "(a folder of images, a .pt tensor file, or 'fashion-mnist')",
+    )
+    convert.add_argument("--size", type=int, default=224, help="image side for --calibrate")
+    convert.add_argument("--samples", type=int, default=2000, help="images read for --calibrate")
+    convert.add_argument(
+        "--budget", type=float, default=600.0, help="seconds for calibration + distillation"
+    )
+    convert.add_argument(
+        "--distill-steps",
+        type=int,
+        default=None,
+        help="distillation steps (default: what fits in --budget; 0: calibrate only)",
+    )
     convert.set_defaults(func=_cmd_convert)
     report = sub.add_parser("report", help="table and plots of normswap-train runs")
     report.add_argument("runs", help="a run or multirun output directory")

@@ -29,6 +29,7 @@ __all__ = [
     "IMAGENET_STD",
     "DataError",
     "load_fashion_mnist",
+    "load_images",
     "read_idx",
     "sample_photos",
     "to_imagenet",
@@ -249,3 +250,89 @@ def sample_photos(size: int = 224) -> tuple[list[str], Tensor]:
     names = [Path(p).name for p in data.filenames]
     batch = torch.stack([torch.from_numpy(img.copy()).permute(2, 0, 1) for img in data.images])
     return names, to_imagenet(batch.contiguous(), size, crop=True)
+
+
+#: File suffixes :func:`load_images` reads from a folder.
+IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def load_images(source: str | os.PathLike[str], size: int, limit: int | None = None) -> Tensor:
+    """Unlabeled images for calibration or distillation, ImageNet-normalized ``(N, 3, S, S)``.
+
+    ``source`` is one of:
+
+    * ``"fashion-mnist"``: the Fashion-MNIST TRAIN images (see :func:`load_fashion_mnist`);
+    * a folder: every ``.jpg``/``.jpeg``/``.png``/``.bmp``/``.webp`` file under it (recursively,
+      in sorted order), decoded as RGB, shorter side resized to ``size`` and center-cropped;
+    * a ``.pt`` file holding one tensor, loaded with ``weights_only=True``: ``uint8`` images
+      (converted like the folder's) or ``float32 (N, 3, H, W)`` inputs used as they are.
+
+    Args:
+        source: where the images are.
+        size: the output side ``S`` in pixels (ignored for a float ``.pt`` tensor).
+        limit: read at most this many images.
+
+    Returns:
+        ``float32`` of shape ``(N, 3, S, S)``.
+
+    Raises:
+        DataError: a missing path, no images found, an unreadable file or a tensor of the wrong
+            shape or dtype, naming the file and the fix.
+
+    Example:
+        >>> x = load_images("fashion-mnist", 64, limit=8)  # doctest: +SKIP
+        >>> x.shape  # doctest: +SKIP
+        torch.Size([8, 3, 64, 64])
+    """
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise DataError(f"limit must be a positive int or None, got {limit!r}")
+    if str(source) == "fashion-mnist":
+        images, _ = load_fashion_mnist("train", limit=limit)
+        return to_imagenet(images, size)
+    path = Path(source)
+    if not path.exists():
+        raise DataError(
+            f"no such file or folder: {str(path)!r}; give a folder of images, a .pt tensor file "
+            "or 'fashion-mnist'"
+        )
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DataError(
+                f"no images ({', '.join(IMAGE_SUFFIXES)}) under {str(path)!r}; point at the "
+                "folder that holds them"
+            )
+        import numpy as np
+        from PIL import Image, UnidentifiedImageError
+
+        batch = []
+        for file in files[:limit]:
+            try:
+                with Image.open(file) as image:
+                    pixels = np.asarray(image.convert("RGB"))
+            except (OSError, UnidentifiedImageError) as err:
+                raise DataError(f"cannot decode {str(file)!r}: {err}") from err
+            image_t = torch.from_numpy(pixels.copy()).permute(2, 0, 1).unsqueeze(0)
+            batch.append(to_imagenet(image_t.contiguous(), size, crop=True))
+        return torch.cat(batch)
+    if path.suffix != ".pt":
+        raise DataError(f"{str(path)!r}: expected a folder of images or a .pt tensor file")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling refuses anything but plain tensors and containers
+        raise DataError(
+            f"cannot load {str(path)!r} as a tensor (weights_only=True): {err}"
+        ) from err
+    if not isinstance(data, Tensor):
+        raise DataError(
+            f"{str(path)!r} holds a {type(data).__name__}; save one tensor (N, 3, H, W)"
+        )
+    data = data[:limit]
+    if data.dtype == torch.uint8:
+        return to_imagenet(data, size)
+    if not data.is_floating_point() or data.dim() != 4 or data.shape[1] != 3:
+        raise DataError(
+            f"{str(path)!r}: expected uint8 images or float32 inputs of shape (N, 3, H, W), got "
+            f"{data.dtype} {tuple(data.shape)}"
+        )
+    return data.float()

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision
+from PIL import Image
 
 import normswap
+import normswap.data
 from normswap import cli, demo_pretrained
 
 
@@ -103,3 +106,70 @@ def test_demo_on_the_real_pretrained_mobilenet(capsys: pytest.CaptureFixture[str
     assert "BatchNorm2d -> GroupNorm: 52" in out
     # Folding BN into the convs keeps the pretrained predictions.
     assert "weight norm, BN folded   top-1 agreement 100%" in out
+
+
+def _pretrained_like_resnet18(tmp_path: Path, images: torch.Tensor) -> tuple[torch.nn.Module, Path]:
+    """resnet18 whose BN running statistics are those of ``images`` (as after training on
+    them) and whose γ/β are random."""
+    torch.manual_seed(0)
+    source = torchvision.models.resnet18(num_classes=1000)
+    for m in source.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None  # cumulative average over the batches
+            torch.nn.init.uniform_(m.weight, 0.5, 1.5)
+            torch.nn.init.uniform_(m.bias, -0.5, 0.5)
+    with torch.no_grad():
+        for batch in images.split(4):
+            source(batch)
+    source.eval()
+    weights = tmp_path / "resnet18.pth"
+    torch.save(source.state_dict(), weights)
+    return source, weights
+
+
+def test_convert_with_calibration_on_a_folder_of_images(tmp_path: Path) -> None:
+    folder = tmp_path / "images" / "nested"
+    folder.mkdir(parents=True)
+    g = torch.Generator().manual_seed(1)
+    for i in range(12):  # different sizes: each is resized and center-cropped
+        image = torch.randint(0, 256, (3, 70 + 3 * i, 90), generator=g, dtype=torch.uint8)
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i}.png")
+    (folder / "notes.txt").write_text("not an image")
+    x = normswap.data.load_images(tmp_path / "images", 64)
+    assert x.shape == (12, 3, 64, 64)
+    source, weights = _pretrained_like_resnet18(tmp_path, x)
+    out = tmp_path / "calibrated.pt"
+    argv = ["convert", "resnet18", "--to", "gn", "--weights", str(weights), "--out", str(out)]
+    argv += ["--calibrate", str(tmp_path / "images"), "--size", "64", "--distill-steps", "0"]
+    assert cli.main(argv) == 0
+    saved = torch.load(out, weights_only=True)
+    assert len(saved["conversion"]["calibration"]["layers"]) == 20
+    assert saved["conversion"]["distillation"] is None
+
+    # The saved model is what the library call makes from the same images.
+    rebuilt = torchvision.models.resnet18().eval()
+    normswap.restore(rebuilt, out)
+    direct = copy.deepcopy(source)
+    result = normswap.convert_pretrained(direct, "gn", x, distill_steps=0, progress=False)
+    assert len(result.calibration) == 20
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), direct(x))
+
+
+def test_convert_calibration_data_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "empty").mkdir()
+    torch.save({"x": torch.zeros(2)}, tmp_path / "dict.pt")
+    torch.save(torch.zeros(2, 5), tmp_path / "flat.pt")
+    base = ["convert", "resnet18", "--to", "gn", "--out", str(tmp_path / "x.pt"), "--calibrate"]
+    for data, message in (
+        ("missing", "no such file or folder"),
+        ("empty", "no images (.jpg"),
+        ("dict.pt", "holds a dict; save one tensor"),
+        ("flat.pt", "expected uint8 images or float32 inputs of shape (N, 3, H, W)"),
+    ):
+        assert cli.main([*base, str(tmp_path / data)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("normswap: error:") and message in err, err
+    assert not (tmp_path / "x.pt").exists()

@@ -73,9 +73,12 @@ class NormSwap(Callback):
         spec: a spec object or a registered norm name (``"gn"``, ``"ln"``, ...).
         include: glob pattern(s) of module paths to convert.
         exclude: glob pattern(s) of module paths to leave alone.
-        calibrate: optional ``calibrate(model, reference, batches)`` run at the start of
-            training on ``calibrate_batches`` training batches (``reference`` is a copy of
-            the module before the swap). Rank zero's result is broadcast to every rank.
+        calibrate: ``True`` runs :func:`normswap.calibrate` (closed-form re-fit of the
+            converted layers to the pretrained BatchNorms' outputs), or any
+            ``calibrate(model, reference, batches)`` function, e.g.
+            ``functools.partial(normswap.distill, steps=200)``; it runs at the start of
+            training on ``calibrate_batches`` training batches (``reference`` is a copy of the
+            module before the swap), on every rank, and rank zero's result is broadcast.
         calibrate_batches: how many training batches calibration sees.
         batch_to_input: maps a training batch to the model input for calibration
             (default: the first element of a tuple/list batch).
@@ -94,7 +97,7 @@ class NormSwap(Callback):
         spec: NormSpec | str,
         include: str | Iterable[str] | None = None,
         exclude: str | Iterable[str] | None = None,
-        calibrate: CalibrateFn | None = None,
+        calibrate: CalibrateFn | bool | None = None,
         calibrate_batches: int = 4,
         batch_to_input: Callable[[Any], Any] = _first_item,
         example_inputs: Any = None,
@@ -105,9 +108,16 @@ class NormSwap(Callback):
         self.spec = get_spec(spec, **overrides)  # SpecError names the valid choices
         self.include = _patterns(include, "include")
         self.exclude = _patterns(exclude, "exclude")
+        if calibrate is True:
+            from normswap.calibrate import calibrate as calibrate_fn
+
+            calibrate = calibrate_fn
+        elif calibrate is False:
+            calibrate = None
         if calibrate is not None and not callable(calibrate):
             raise NormSwapError(
-                "NormSwap(calibrate=...) takes a function calibrate(model, reference, batches), "
+                "NormSwap(calibrate=...) takes True (normswap.calibrate) or a function "
+                "calibrate(model, reference, batches), "
                 f"got {type(calibrate).__name__}"
             )
         if isinstance(calibrate_batches, bool) or not isinstance(calibrate_batches, int):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -148,6 +149,36 @@ def test_calibrate_hook(tmp_path: Path) -> None:
     t.fit(module, loader())
     assert calls == [[torch.Size([4, 3, 64, 64])] * 3]
     assert torch.all(module.model.bn1.bias == 0.25)
+
+
+def test_calibrate_true_runs_normswap_calibrate_on_training_batches(tmp_path: Path) -> None:
+    # A "pretrained" module: BN running statistics far from (0, 1).
+    module = LitClassifier(arch="tiny", lr=0.0)
+    bn = module.model[1]
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 3)
+        bn.weight.uniform_(0.5, 2)
+        bn.bias.uniform_(-1, 1)
+    copied = bn.weight.detach().clone()
+    reference = copy.deepcopy(module)
+    expected = copy.deepcopy(module)
+    normswap.swap(expected, "gn", num_groups=4)
+    batches = [x for x, _ in loader()][:2]
+    normswap.calibrate(expected, reference, batches)  # the same fit, by hand
+
+    t = trainer(
+        tmp_path,
+        callbacks=[NormSwap("gn", num_groups=4, calibrate=True, calibrate_batches=2)],
+        max_steps=1,
+    )
+    t.fit(module, loader())
+    fitted = module.model[1]
+    assert isinstance(fitted, normswap.GroupNorm)
+    torch.testing.assert_close(fitted.weight, expected.model[1].weight, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fitted.bias, expected.model[1].bias, rtol=1e-6, atol=1e-6)
+    assert fitted.weight is bn.weight  # the same Parameter, updated in place
+    assert not torch.allclose(fitted.weight, copied)  # re-fitted, not copied
 
 
 def test_torch_compile_module(tmp_path: Path) -> None:

@@ -343,3 +343,30 @@ def test_fold_bn_refuses_a_producer_with_a_shared_weight() -> None:
         fold_bn(model, torch.randn(1, 3, 4, 4))
     assert_untouched(before, model)
     assert isinstance(model.bn, _BatchNorm)
+
+
+FAMILIES = {  # one model per torchvision family with conv -> BN chains: name -> BN count
+    "vgg11_bn": 8,
+    "googlenet": 57,
+    "mobilenet_v3_small": 34,
+    "efficientnet_b0": 49,
+    "regnet_x_400mf": 71,
+    "shufflenet_v2_x0_5": 56,
+    "mnasnet0_5": 52,
+}
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_fold_bn_is_exact_on_every_family(name: str) -> None:
+    kwargs = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
+    model = randomize_model(torchvision.models.get_model(name, weights=None, **kwargs)).eval()
+    model = model.double()  # float64: the fold itself is exact, so the difference is rounding
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        expected = model(x)
+    pairs = fold_bn(model, x)
+    assert len(pairs) == FAMILIES[name]
+    assert not any(isinstance(m, BATCHNORM_TYPES) for m in model.modules())
+    with torch.no_grad():
+        got = model(x)
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9 * expected.abs().max().item())

@@ -8,8 +8,13 @@ Implementation choices measured on CPU (torch 2.14.1, 2 cores, forward+backward)
 :class:`LayerNorm2d` uses ``F.layer_norm`` after moving channels last for every layout; a
 ``torch.var_mean(x, dim=1)`` composition was 1.7-3x slower on contiguous input and 9-18x slower
 on channels_last input, from (2, 16, 8, 8) to (8, 64, 56, 56) (``var_mean`` over a non-innermost
-dim is a slow kernel on CPU). Versus BatchNorm2d in the same layout the chosen path costs
-0.7-1.1x on channels_last and 1.4-2.3x on contiguous input (two transposes).
+dim is a slow kernel on CPU). Contiguous input is first copied to channels_last by the dedicated
+kernel, 1.05-1.25x faster than letting ``F.layer_norm`` copy the permuted view. Versus
+BatchNorm2d in the same layout the layer costs 1.0-1.2x on channels_last and up to 1.9x on
+contiguous input (two layout copies); per resnet18 training step (batch 8, 64 px) 1.02x
+contiguous and 1.06-1.09x channels_last (``benchmarks/step_time.py``).
+:func:`weight_norm` computes a channels_last weight on the permuted contiguous view of ``v``
+(resnet18, BN removed, channels_last: 1.47x -> 1.09x BN's step time).
 """
 
 from __future__ import annotations

@@ -129,8 +129,14 @@ def _patterns(value: str | Iterable[str] | None, name: str) -> tuple[str, ...] |
     return pats
 
 
-def _inside(path: str, prefixes: list[str]) -> bool:
-    return any(path.startswith(pre + ".") for pre in prefixes if pre)
+def _inside(path: str, prefixes: set[str]) -> bool:
+    """Whether ``path`` is strictly inside one of ``prefixes`` (module paths).
+
+    Checks the dotted ancestors of ``path`` against a set: linear in the model size overall,
+    where scanning every prefix for every module grew with modules × norms.
+    """
+    parts = path.split(".")
+    return any(".".join(parts[:i]) in prefixes for i in range(1, len(parts)))
 
 
 def plan(
@@ -238,10 +244,11 @@ def plan(
 
     # Layers inside norms (an AdaLN's modulation MLP) are part of the norm, not candidates.
     norm_paths += [p for m, paths in all_modules if isinstance(m, NORM_LAYERS) for p in paths]
+    inside = set(norm_paths)
     candidates = [
         (m, tuple(paths))
         for m, paths in all_modules
-        if paths[0] and _selected(paths, inc, exc) and not _inside(paths[0], norm_paths)
+        if paths[0] and _selected(paths, inc, exc) and not _inside(paths[0], inside)
     ]
     layer_steps = target.plan_layers(candidates, spec)
 

@@ -18,7 +18,7 @@ PIP_INSTALL_FLAGS := $(if $(CI),--progress-bar off,)
 # puts the MobileNetV2 checkpoint there, so tests and the demo never download anything.
 export TORCH_HOME ?= $(CURDIR)/.cache/torch
 
-.PHONY: help venv assets lint format test demo demo-pretrained bench clean distclean
+.PHONY: help venv assets lint format test demo demo-pretrained bench bench-fidelity clean distclean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -51,10 +51,20 @@ demo: venv assets ## the norm shootout on Fashion-MNIST + its report (outputs/de
 demo-pretrained: venv assets ## the real pretrained MobileNetV2: BN vs GN (copied) vs WN (folded)
 	$(PY) -m normswap.demo_pretrained
 
-bench: venv assets ## run every benchmarks/*.py in turn
-	@shopt -s nullglob; scripts=(benchmarks/*.py); \
-	if (( $${#scripts[@]} == 0 )); then echo "bench: no benchmarks/*.py yet"; exit 0; fi; \
-	for script in "$${scripts[@]}"; do echo "== $$script"; $(PY) "$$script"; done
+# The benchmarks `make bench` runs (a few minutes each on one thread of a 2-core CPU); each
+# writes benchmarks/results/<name>.json and .md. fidelity.py takes about an hour: bench-fidelity.
+BENCH_SCRIPTS := conversion_cost layer_overhead step_time inference
+BENCH_ARGS ?= --threads 1
+
+bench: venv assets ## the fast benchmarks, one thread (BENCH_ARGS="--threads 1 --full": whole grid)
+	@for script in $(BENCH_SCRIPTS); do \
+	  echo "== benchmarks/$$script.py"; $(PY) benchmarks/$$script.py $(BENCH_ARGS); done
+	@echo "== benchmarks/monitor_overhead.py"
+	$(PY) benchmarks/monitor_overhead.py --threads 1 --clock cpu \
+	  | tee benchmarks/results/monitor_overhead.md
+
+bench-fidelity: venv assets ## the fidelity benchmark (slow: about an hour)
+	$(PY) benchmarks/fidelity.py $(ARGS)
 
 clean: ## remove build outputs and caches (keeps .venv and downloaded assets)
 	rm -rf build dist .pytest_cache .ruff_cache

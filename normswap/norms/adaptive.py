@@ -115,9 +115,13 @@ class AdaLIN(_ChannelAffineNorm):
         inst = F.group_norm(x, self.num_channels, None, None, self.eps)
         layer = F.group_norm(x, 1, None, None, self.eps)
         # lerp(ln, in, rho) = rho * in + (1 - rho) * ln
-        out = torch.lerp(layer, inst, _channel_view(self.rho.clamp(0, 1), x))
+        # Parameters follow the activation's dtype (under autocast group_norm returns bf16/fp16
+        # while the parameters stay float32; lerp/addcmul need one dtype).
+        rho = _channel_view(self.rho.clamp(0, 1), x).to(layer.dtype)
+        out = torch.lerp(layer, inst, rho)
         if self.weight is not None and self.bias is not None:
-            out = torch.addcmul(_channel_view(self.bias, x), out, _channel_view(self.weight, x))
+            weight = _channel_view(self.weight, x).to(out.dtype)
+            out = torch.addcmul(_channel_view(self.bias, x).to(out.dtype), out, weight)
         return _keep_memory_format(out, x)
 
     def extra_repr(self) -> str:

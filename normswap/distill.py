@@ -38,6 +38,7 @@ from normswap.calibrate import (
     _collective_device,
     _device,
     _distributed,
+    _eval_mode,
     _unwrap,
     converted_layers,
     input_batches,
@@ -107,18 +108,6 @@ def _kl(student: Tensor, teacher: Tensor, temperature: float = 1.0) -> Tensor:
     return (t.exp() * (t - s)).sum(-1)
 
 
-@contextlib.contextmanager
-def _eval(*models: nn.Module) -> Iterator[None]:
-    flags = [(m, m.training) for model in models for m in model.modules()]
-    try:
-        for model in models:
-            model.eval()
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
 def _sum_over_ranks(values: list[float]) -> list[float]:
     if not _distributed():
         return values
@@ -155,7 +144,7 @@ def fidelity(
     agree = kl = 0.0
     worst = 0.0
     count = 0
-    with torch.no_grad(), _eval(model, reference):
+    with torch.no_grad(), _eval_mode(model, reference):
         for inputs in batches:
             out = _logits(_call(model, inputs), "model")
             ref = _logits(_call(reference, inputs), "reference")
@@ -468,7 +457,7 @@ def distill(
     generator = torch.Generator().manual_seed(seed + _rank())
     batches = _training_batches(train_data, batch_size, generator, device)
     first = next(batches)
-    with torch.no_grad(), _eval(model, teacher):  # both must run before anything changes
+    with torch.no_grad(), _eval_mode(model, teacher):  # both must run before anything changes
         for who, m in (("teacher", teacher), ("model", model)):
             try:
                 _logits(_call(m, first), who)
@@ -493,7 +482,7 @@ def distill(
             result = DistillCheck(step, elapsed(), f.agreement, f.kl, loss)
             if on_check is not None:
                 tick = clock()
-                with _eval(model):
+                with _eval_mode(model):
                     on_check(result, model)
                 excluded += clock() - tick
         return result
@@ -507,7 +496,7 @@ def distill(
     stopped, step, seen, running, count = "steps", 0, 0, 0.0, 0
     bar = _progress(steps, progress)
     try:
-        with _eval(model, teacher), _flush_denormal(device):
+        with _eval_mode(model, teacher), _flush_denormal(device):
             pending: Any = first
             while step < steps:
                 inputs = pending if pending is not None else next(batches)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -58,3 +61,22 @@ def assert_all_grads(model: nn.Module) -> None:
         if p.grad is not None and not bool(torch.isfinite(p.grad).all())
     ]
     assert not bad, f"non-finite gradient for: {bad[:10]}"
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_ddp_script(text: str, tmp_path: Path, ranks: int = 2) -> list[dict]:
+    """Run ``text`` (a script spawning ``ranks`` gloo processes that each save
+    ``<out>/rank<r>.pt``; ``sys.argv[1]`` is ``out``) and load what every rank saved."""
+    script = tmp_path / "ddp_script.py"
+    script.write_text(text)
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO_ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(ranks)]

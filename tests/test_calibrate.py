@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import snapshot
+from helpers import REPO_ROOT, run_ddp_script, snapshot
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -24,8 +22,6 @@ from normswap.calibrate import (
     input_batches,
 )
 from normswap.errors import NormSwapError
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 class Tiny(nn.Module):
@@ -342,17 +338,7 @@ DDP_SCRIPT = textwrap.dedent(
 
 @pytest.mark.ddp
 def test_ddp_ranks_end_with_identical_parameters_fitted_to_all_ranks_data(tmp_path: Path):
-    script = tmp_path / "ddp_calibrate.py"
-    script.write_text(DDP_SCRIPT.format(tests=str(REPO_ROOT / "tests")))
-    result = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO_ROOT,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    ranks = run_ddp_script(DDP_SCRIPT.format(tests=str(REPO_ROOT / "tests")), tmp_path)
     for key, value in ranks[0]["state"].items():
         assert torch.equal(value, ranks[1]["state"][key]), key
     # Equal to one process calibrating on both ranks' data, batch by batch.

@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import copy
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import snapshot
+from helpers import REPO_ROOT, run_ddp_script, snapshot
 from torch import nn
 
 import normswap
 from normswap.calibrate import CalibrationError, calibrate
 from normswap.distill import DistillReport, Fidelity, distill, fidelity, hflip
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _teacher(seed: int = 0) -> nn.Module:
@@ -204,17 +200,7 @@ DDP_SCRIPT = textwrap.dedent(
 
 @pytest.mark.ddp
 def test_ddp_ranks_end_with_identical_parameters(tmp_path: Path):
-    script = tmp_path / "ddp_distill.py"
-    script.write_text(DDP_SCRIPT.format(tests=str(REPO_ROOT / "tests")))
-    result = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO_ROOT,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    ranks = run_ddp_script(DDP_SCRIPT.format(tests=str(REPO_ROOT / "tests")), tmp_path)
     assert ranks[0]["best"] == ranks[1]["best"]
     changed = False
     initial = _student(_teacher()).state_dict()

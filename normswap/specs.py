@@ -27,6 +27,7 @@ __all__ = [
     "get_spec",
     "list_norms",
     "register_norm",
+    "spec_class",
     "spec_from_dict",
 ]
 
@@ -69,6 +70,21 @@ def list_norms() -> list[str]:
         True
     """
     return sorted(_SPECS)
+
+
+def spec_class(name: str) -> type[NormSpec]:
+    """The spec class registered under ``name`` (to read its fields without building one).
+
+    Raises:
+        SpecError: an unknown name, listing the registered ones.
+
+    Example:
+        >>> spec_class("gn").__name__
+        'GroupNormSpec'
+    """
+    if name not in _SPECS:
+        raise SpecError(f"unknown norm {name!r}; choose one of: {', '.join(sorted(_SPECS))}")
+    return _SPECS[name]
 
 
 def get_spec(spec: NormSpec | str, **overrides: Any) -> NormSpec:

@@ -29,9 +29,22 @@ from omegaconf import DictConfig, OmegaConf
 from normswap.app.runlog import RunLog
 from normswap.errors import NormSwapError
 
-__all__ = ["build_norm_callback", "main", "register_recipes", "run"]
+__all__ = ["build_norm_callback", "main", "register_configs", "register_recipes", "run"]
 
 log = logging.getLogger(__name__)
+
+
+def register_configs() -> list[str]:
+    """Register the config groups' schemas and the recipes with Hydra's ConfigStore.
+
+    Example:
+        >>> "norm_shootout" in register_configs()
+        True
+    """
+    from normswap.app.schema import register_schemas
+
+    register_schemas()
+    return register_recipes()
 
 
 def register_recipes() -> list[str]:
@@ -157,7 +170,7 @@ def main() -> None:
     Example:
         >>> main()  # doctest: +SKIP
     """
-    register_recipes()
+    register_configs()
     _hydra_main()
 
 

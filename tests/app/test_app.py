@@ -21,7 +21,7 @@ from hydra.utils import get_method, instantiate
 from omegaconf import OmegaConf, open_dict
 
 import normswap
-from normswap.app.train import build_norm_callback, register_recipes
+from normswap.app.train import build_norm_callback, register_configs
 
 CONF = Path(normswap.__file__).parent.parent / "conf"
 RECIPES = sorted(p.stem for p in (CONF.parent / "recipes").glob("*.yaml"))
@@ -33,7 +33,7 @@ def options(group: str) -> list[str]:
 
 
 def _compose(overrides: list[str], tmp_path: Path):
-    register_recipes()
+    register_configs()
     with initialize_config_module("normswap.conf", version_base="1.3"):
         cfg = compose("train", overrides=overrides, return_hydra_config=True)
     with open_dict(cfg):
@@ -72,7 +72,8 @@ def test_norm_options_match_the_specs(norm: str, tmp_path: Path) -> None:
         assert callback is None
         return
     fields = {f.name for f in dataclasses.fields(normswap.get_spec(callback.spec))}
-    assert set(cfg.norm) - {"spec", "include", "exclude"} == fields, "YAML drifted from the spec"
+    callback_keys = {"spec", "include", "exclude", "calibrate", "calibrate_batches"}
+    assert set(cfg.norm) - callback_keys == fields, "YAML drifted from the spec"
     assert callback.spec.name == norm
 
 
@@ -224,6 +225,10 @@ def test_sweep_then_report(tmp_path: Path) -> None:
         ("model.name=resnet50 model.weights=IMAGENET1K_V2", "cannot download them; put resnet50"),
         ("model.weights=missing.pth", "weights file 'missing.pth' does not exist"),
         ("data.batch_size=0", "data.batch_size must be a positive integer, got 0"),
+        # The structured configs refuse these while composing, naming the key:
+        ("data.batch_size=big", "Value 'big' of type 'str' could not be converted to Integer"),
+        ("norm=gn norm.num_group=8", "Key 'num_group' not in 'NormGnSchema'"),
+        ("task.lr=fast", "Value 'fast' of type 'str' could not be converted to Float"),
     ],
 )
 def test_bad_overrides_fail_before_training(override: str, message: str, tmp_path: Path) -> None:
@@ -274,3 +279,31 @@ def test_lr_schedule_ramps_up_linearly_then_decays_to_zero():
     assert [lr_factor(s, 10, 0.0) for s in (0, 10)] == pytest.approx([1.0, 0.0])
     with pytest.raises(ValueError, match=r"task.warmup must be a fraction .* got 1.0"):
         ClassificationTask(torch.nn.Linear(2, 2), warmup=1.0)
+
+
+@pytest.mark.parametrize(
+    ("group", "option"),
+    [(g, o) for g in ("model", "norm", "data", "task") for o in options(g)],
+)
+def test_every_option_is_backed_by_its_typed_schema(group: str, option: str, tmp_path: Path):
+    from omegaconf import OmegaConf
+
+    cfg = _compose([f"{group}={option}"], tmp_path)
+    schema = OmegaConf.get_type(cfg[group])
+    assert schema.__name__ == f"{group.capitalize()}{option.title().replace('_', '')}Schema"
+    assert dataclasses.is_dataclass(schema)
+
+
+def test_schema_types_come_from_the_code(tmp_path: Path) -> None:
+    cfg = _compose(["norm=gn", "norm.num_groups=16", "norm.calibrate=true"], tmp_path)
+    assert cfg.norm.num_groups == 16 and cfg.norm.calibrate is True
+    callback = build_norm_callback(cfg.norm)
+    assert callback.spec.num_groups == 16
+    assert callback.calibrate is normswap.calibrate  # calibrate=true: the closed-form re-fit
+    for override, message in (
+        ("data.batch_size=big", "could not be converted to Integer"),
+        ("model.nope=1", "Key 'nope' not in 'ModelClassifierSchema'"),
+    ):
+        with pytest.raises(Exception, match=override.partition("=")[0]) as err:
+            _compose([override], tmp_path)
+        assert message in str(err.value.__cause__)

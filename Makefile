@@ -63,8 +63,9 @@ bench: venv assets ## the fast benchmarks, one thread (BENCH_ARGS="--threads 1 -
 	$(PY) benchmarks/monitor_overhead.py --threads 1 --clock cpu \
 	  | tee benchmarks/results/monitor_overhead.md
 
-bench-fidelity: venv assets ## the fidelity benchmark (slow: about an hour)
+bench-fidelity: venv assets ## pretrained-conversion fidelity (slow: about an hour), then per-layer costs
 	$(PY) benchmarks/fidelity.py $(ARGS)
+	$(PY) benchmarks/fidelity_depth.py | tee benchmarks/results/fidelity_depth.txt
 
 clean: ## remove build outputs and caches (keeps .venv and downloaded assets)
 	rm -rf build dist .pytest_cache .ruff_cache

@@ -211,6 +211,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--name", default="step_time", help="results file name (keep a partial grid apart)"
+    )
     args = parser.parse_args()
     if "bn" not in args.configs:
         args.configs.insert(0, "bn")
@@ -276,7 +279,7 @@ def main() -> None:
         f"{args.threads} thread(s), {args.device}); verdicts on the "
         + ("CPU-time ratio." if args.device == "cpu" else "wall-time ratio.")
     )
-    write("step_time", results, table, note)
+    write(args.name, results, table, note)
 
 
 if __name__ == "__main__":

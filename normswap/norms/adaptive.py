@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from normswap.errors import ConditionError, NormSwapError, SpecError
 from normswap.norms.group import (
     _check_input,
+    _group_norm,
     _is_positive_int,
     _keep_memory_format,
     _spatial_numel,
@@ -112,7 +113,7 @@ class AdaLIN(_ChannelAffineNorm):
                 f"spatial element per channel, so its instance statistics are undefined; use "
                 f"LayerNorm or GroupNorm here"
             )
-        inst = F.group_norm(x, self.num_channels, None, None, self.eps)
+        inst = _group_norm(x, self.num_channels, None, None, self.eps)
         layer = F.group_norm(x, 1, None, None, self.eps)
         # lerp(ln, in, rho) = rho * in + (1 - rho) * ln
         # Parameters follow the activation's dtype (under autocast group_norm returns bf16/fp16

@@ -194,8 +194,7 @@ class GroupNorm(nn.GroupNorm):
                 f"{tuple(input.shape)}, so its output would be the constant bias; use fewer "
                 f"groups (e.g. num_groups=1, a LayerNorm) or a larger spatial extent"
             )
-        out = F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
-        return _keep_memory_format(out, input)
+        return _group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:
         """Describe the layer: channels, groups, eps and affine."""
@@ -252,6 +251,28 @@ def _memory_format(x: Tensor) -> torch.memory_format:
     ):
         return torch.channels_last_3d
     return torch.contiguous_format
+
+
+#: On CPU, PyTorch's channels_last GroupNorm kernel is slow when each group holds few channels
+#: (forward+backward, 1 thread, torch 2.14.1: InstanceNorm 8x128x28x28 11.9 ms vs 3.2 ms through a
+#: contiguous copy and back; GroupNorm(32) over 64 channels 1.03 ms vs 0.59 ms at 8x64x16x16) and
+#: faster from 8 channels per group on (GroupNorm(32) over 256 channels: 0.58 vs 1.21 ms). Up to
+#: this many channels per group, channels_last input goes through the contiguous kernel.
+_CHANNELS_LAST_VIA_CONTIGUOUS = 4
+
+
+def _group_norm(
+    x: Tensor, groups: int, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> Tensor:
+    """``F.group_norm`` by the faster CPU kernel for ``x``'s layout, in ``x``'s memory format."""
+    fmt = _memory_format(x)
+    if (
+        fmt is not torch.contiguous_format
+        and x.device.type == "cpu"
+        and x.shape[1] // groups <= _CHANNELS_LAST_VIA_CONTIGUOUS
+    ):
+        x = x.contiguous()
+    return F.group_norm(x, groups, weight, bias, eps).contiguous(memory_format=fmt)
 
 
 def _keep_memory_format(out: Tensor, like: Tensor) -> Tensor:

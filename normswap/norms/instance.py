@@ -7,7 +7,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from normswap.errors import NormSwapError, SpecError
-from normswap.norms.group import _check_input, _keep_memory_format, _spatial_numel, _where
+from normswap.norms.group import (
+    _check_input,
+    _group_norm,
+    _keep_memory_format,
+    _spatial_numel,
+    _where,
+)
 from normswap.norms.layer import _ChannelAffineNorm
 
 __all__ = ["InstanceNorm"]
@@ -122,8 +128,7 @@ class InstanceNorm(_ChannelAffineNorm):
                 f"BatchNorm) here"
             )
         if not self.track_running_stats:
-            out = F.group_norm(x, self.num_channels, self.weight, self.bias, self.eps)
-            return _keep_memory_format(out, x)
+            return _group_norm(x, self.num_channels, self.weight, self.bias, self.eps)
         factor = 0.0
         if self.training:
             assert self.num_batches_tracked is not None

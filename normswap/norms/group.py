@@ -254,13 +254,12 @@ def _memory_format(x: Tensor) -> torch.memory_format:
 
 
 #: On CPU, PyTorch's channels_last GroupNorm kernel is slow when each group holds few channels
-#: (forward+backward, 1 thread, torch 2.14.1: InstanceNorm 8x128x28x28 11.9 ms vs 3.2 ms through a
-#: contiguous copy and back; GroupNorm(32) over 64 channels 1.03 ms vs 0.59 ms at 8x64x16x16) and
-#: faster from 8 channels per group on (GroupNorm(32) over 256 channels: 0.58 vs 1.21 ms). Up to
-#: this many channels per group, channels_last input goes through the contiguous kernel, unless
-#: the maps are tiny (below 4x4 the two copies cost more: InstanceNorm 8x512x2x2 1.3x slower).
-_CHANNELS_LAST_VIA_CONTIGUOUS = 4
-_CHANNELS_LAST_MIN_POSITIONS = 16
+#: (``benchmarks/layer_overhead.py``, forward+backward, 1 thread, torch 2.14.1). Through a
+#: contiguous copy and back: InstanceNorm (1 channel per group) takes 0.27-0.75x the time from
+#: 4x4 to 56x56 maps (below 4x4 the copies cost more: 1.3x at 2x2); GroupNorm(32) over 64 or
+#: 128 channels (2-4 per group) 0.54-0.80x up to 16x16 maps but 1.21x at 56x56; from 8 channels
+#: per group the channels_last kernel is the faster one.
+_VIA_CONTIGUOUS_POSITIONS = {1: (16, None), 2: (16, 1024), 3: (16, 1024), 4: (16, 1024)}
 
 
 def _group_norm(
@@ -268,13 +267,12 @@ def _group_norm(
 ) -> Tensor:
     """``F.group_norm`` by the faster CPU kernel for ``x``'s layout, in ``x``'s memory format."""
     fmt = _memory_format(x)
-    if (
-        fmt is not torch.contiguous_format
-        and x.device.type == "cpu"
-        and x.shape[1] // groups <= _CHANNELS_LAST_VIA_CONTIGUOUS
-        and _spatial_numel(x) >= _CHANNELS_LAST_MIN_POSITIONS
-    ):
-        x = x.contiguous()
+    if fmt is not torch.contiguous_format and x.device.type == "cpu":
+        window = _VIA_CONTIGUOUS_POSITIONS.get(x.shape[1] // groups)
+        if window is not None:
+            positions, (low, high) = _spatial_numel(x), window
+            if positions >= low and (high is None or positions <= high):
+                x = x.contiguous()
     return F.group_norm(x, groups, weight, bias, eps).contiguous(memory_format=fmt)
 
 

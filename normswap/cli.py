@@ -5,6 +5,7 @@ Examples::
     normswap list
     normswap inspect resnet50 --to gn --set num_groups=16
     normswap convert mobilenet_v2 --to gn --weights IMAGENET1K_V1 --out mbv2_gn.pt
+    normswap inspect resnet50 norm=gn norm.num_groups=16    # normswap-train's norm group
     normswap convert mobilenet_v2 --to gn --weights IMAGENET1K_V1 --out mbv2_gn.pt \
         --calibrate path/to/unlabeled/images --budget 600
 
@@ -91,6 +92,46 @@ def _cmd_list(_: argparse.Namespace) -> int:
     return 0
 
 
+def _norm_from_overrides(args: argparse.Namespace) -> None:
+    """Resolve Hydra-style ``norm=NAME norm.KEY=VALUE`` overrides through the app's ``norm``
+    config group (the same options, defaults and typed schemas as ``normswap-train``) into
+    ``args.to`` and the spec overrides."""
+    args.norm_fields = {}
+    if not args.overrides:
+        if args.to is None and args.need_to:
+            raise CLIError("give the target norm: --to NAME or norm=NAME (see `normswap list`)")
+        return
+    bad = [o for o in args.overrides if not o.lstrip("+").startswith("norm")]
+    if bad:
+        raise CLIError(f"only norm=... and norm.KEY=VALUE overrides apply here, got {bad}")
+    if args.to is not None:
+        raise CLIError("give the norm either as --to NAME or as norm=NAME, not both")
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    from normswap.app.train import register_configs
+
+    register_configs()
+    try:
+        with initialize_config_module("normswap.conf", version_base="1.3"):
+            cfg = compose("train", overrides=list(args.overrides))
+    except Exception as err:  # Hydra's own message names the override and the key
+        cause = f": {err.__cause__}" if err.__cause__ else ""
+        raise CLIError(f"{err}{cause}".replace("\n", " ")) from None
+    fields = OmegaConf.to_container(cfg.norm, resolve=True)
+    assert isinstance(fields, dict)
+    spec = fields.pop("spec")
+    if spec == "bn":
+        raise CLIError("norm=bn keeps BatchNorm, nothing to convert; pick one of `normswap list`")
+    for key in ("calibrate", "calibrate_batches"):  # training-callback options
+        fields.pop(key, None)
+    for key in ("include", "exclude"):
+        value = fields.pop(key, None)
+        if value and not getattr(args, key):
+            setattr(args, key, [value] if isinstance(value, str) else list(value))
+    args.to, args.norm_fields = spec, fields
+
+
 def _swap_from_args(model: nn.Module, args: argparse.Namespace, *, dry_run: bool) -> SwapReport:
     shape = _parse_shape(args.input_shape)
     example = None
@@ -106,11 +147,12 @@ def _swap_from_args(model: nn.Module, args: argparse.Namespace, *, dry_run: bool
         dry_run=dry_run,
         strict=args.strict,
         example_inputs=example,
-        **parse_overrides(args.set),
+        **{**args.norm_fields, **parse_overrides(args.set)},
     )
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
+    _norm_from_overrides(args)
     meta = args.input_shape is None
     model = build_model(args.model, meta=meta)
     norms = [
@@ -133,7 +175,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         raise CLIError(f"--out {str(out)!r} is a directory; give a file path such as model.pt")
     if not out.parent.exists():
         raise CLIError(f"the folder {str(out.parent)!r} does not exist; create it first")
-    overrides = parse_overrides(args.set)
+    _norm_from_overrides(args)
+    overrides = {**args.norm_fields, **parse_overrides(args.set)}
     get_spec(args.to, **overrides)  # a bad spec fails before anything is loaded
     data = None
     if args.calibrate is not None:
@@ -199,7 +242,15 @@ def _parser() -> argparse.ArgumentParser:
 
     def common(p: argparse.ArgumentParser, *, need_to: bool) -> None:
         p.add_argument("model", help="a torchvision model name (see torchvision.models)")
-        p.add_argument("--to", required=need_to, choices=list_norms(), help="target norm")
+        p.add_argument("--to", choices=list_norms(), help="target norm")
+        p.add_argument(
+            "overrides",
+            nargs="*",
+            metavar="norm=NAME|norm.KEY=VALUE",
+            help="Hydra-style overrides of normswap-train's norm group, e.g. norm=gn "
+            "norm.num_groups=16 (instead of --to/--set)",
+        )
+        p.set_defaults(need_to=need_to)
         p.add_argument(
             "--set",
             action="append",
@@ -255,7 +306,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         >>> main(["inspect", "resnet18", "--to", "gn"])  # doctest: +SKIP
         0
     """
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse stops collecting positionals at the first option: overrides given after an
+    # option (``--input-shape 1,3,64,64 norm=gn``) come back here.
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args))
     except NormSwapError as err:

@@ -173,3 +173,29 @@ def test_convert_calibration_data_errors(
         err = capsys.readouterr().err
         assert err.startswith("normswap: error:") and message in err, err
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_norm_group_overrides_like_normswap_train(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The same conf/norm options, defaults and typed schemas as the Hydra app.
+    assert cli.main(["inspect", "resnet18", "norm=gn", "norm.num_groups=16"]) == 0
+    out = capsys.readouterr().out
+    assert "BatchNorm2d -> GroupNorm: 20" in out and "num_groups=16" in out
+    out_file = tmp_path / "wn.pt"
+    argv = ["convert", "resnet18", "norm=wn", "norm.bn=remove", "--out", str(out_file)]
+    assert cli.main(argv) == 0
+    saved = torch.load(out_file, weights_only=True)
+    assert saved["normswap"]["report"]["counts"]["BatchNorm2d -> Identity"] == 20
+    capsys.readouterr()
+    for argv, message in (
+        (["inspect", "resnet18", "norm=gn", "norm.num_group=8"], "Key 'num_group' not in"),
+        (["inspect", "resnet18", "norm=gn", "norm.num_groups=many"], "converted to Integer"),
+        (["inspect", "resnet18", "norm=bn"], "norm=bn keeps BatchNorm"),
+        (["inspect", "resnet18", "model.name=x"], "only norm=... and norm.KEY=VALUE"),
+        (["inspect", "resnet18", "--to", "gn", "norm=ln"], "not both"),
+        (["convert", "resnet18", "--out", str(tmp_path / "x.pt")], "--to NAME or norm=NAME"),
+    ):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("normswap: error:") and message in err, err

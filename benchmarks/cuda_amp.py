@@ -78,7 +78,7 @@ def amp_check(device: str, size: int) -> list[dict[str, Any]]:
                 # float16: the GradScaler starts at 2**16 and may skip the first steps (inf
                 # gradients) while it lowers the scale; that is AMP working. Count the steps
                 # until the gradients are finite (at most 16; IN at 2x2 maps needs ~10).
-                for attempt in range(1, 17):  # noqa: B007 (read after the loop)
+                for attempt in range(1, 17):
                     opt.zero_grad(set_to_none=True)
                     with condition(model, target, 4, device), torch.autocast(device, dtype=dtype):
                         out = model(x)
@@ -89,13 +89,13 @@ def amp_check(device: str, size: int) -> list[dict[str, Any]]:
                     finite = all(g is not None and bool(torch.isfinite(g).all()) for g in grads)
                     scaler.step(opt)
                     scaler.update()
+                    row["steps_to_finite_grads"] = attempt
                     if finite:
                         break
                 row |= {
                     "output_dtype": str(out.dtype).split(".")[-1],
                     "loss_finite": bool(torch.isfinite(loss)),
                     "all_grads_finite": finite,
-                    "steps_to_finite_grads": attempt,
                     "ok": finite,
                 }
             except Exception as err:  # recorded, not hidden: the table shows the failure

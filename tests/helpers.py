@@ -66,17 +66,24 @@ def assert_all_grads(model: nn.Module) -> None:
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_ddp_script(text: str, tmp_path: Path, ranks: int = 2) -> list[dict]:
-    """Run ``text`` (a script spawning ``ranks`` gloo processes that each save
-    ``<out>/rank<r>.pt``; ``sys.argv[1]`` is ``out``) and load what every rank saved."""
-    script = tmp_path / "ddp_script.py"
-    script.write_text(text)
+def run_ddp(
+    script: Path, out: Path, *, ranks: int = 2, timeout: int = 120, cwd: Path = REPO_ROOT
+) -> list[dict]:
+    """Run ``script out`` (it spawns ``ranks`` gloo processes that each save
+    ``<out>/rank<r>.pt``) and load what every rank saved."""
     result = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)],
+        [sys.executable, str(script), str(out)],
         capture_output=True,
         text=True,
-        timeout=120,
-        cwd=REPO_ROOT,
+        timeout=timeout,
+        cwd=cwd,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(ranks)]
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(ranks)]
+
+
+def run_ddp_script(text: str, tmp_path: Path, ranks: int = 2) -> list[dict]:
+    """:func:`run_ddp` on a script written from ``text`` into ``tmp_path``."""
+    script = tmp_path / "ddp_script.py"
+    script.write_text(text)
+    return run_ddp(script, tmp_path, ranks=ranks)

@@ -69,7 +69,7 @@ def test_missing_fashion_mnist_is_an_error_not_fake_data(tmp_path: Path):
     with pytest.raises(DataError, match="dataset-fashion-mnist"):
         load_fashion_mnist("train", root=tmp_path)
     with pytest.raises(DataError, match="split"):
-        load_fashion_mnist("validation")  # type: ignore[arg-type]
+        load_fashion_mnist("validation")  # type: ignore[arg-type]  # bad split on purpose
     with pytest.raises(DataError, match="limit"):
         load_fashion_mnist("test", limit=0)
 

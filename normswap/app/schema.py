@@ -24,7 +24,7 @@ import types
 import typing
 from collections.abc import Callable
 from importlib import resources
-from typing import Any, Literal, Optional, Union, get_args, get_origin
+from typing import Any, Literal, Union, get_args, get_origin
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
@@ -55,7 +55,7 @@ def _field_type(hint: Any) -> Any:
             inner = _field_type(rest[0])
             if inner is Any:
                 return Any
-            return Optional[inner] if len(rest) < len(args) else inner  # noqa: UP045 (runtime type)
+            return inner | None if len(rest) < len(args) else inner
     return Any
 
 
@@ -112,7 +112,7 @@ def schema_for(group: str, option: str, node: dict[str, Any]) -> type:
     if group == "norm":
         spec = node["spec"]
         hints: dict[str, Any] = {"spec": str, "include": Any, "exclude": Any}
-        hints |= {"calibrate": Optional[bool], "calibrate_batches": Optional[int]}  # noqa: UP045
+        hints |= {"calibrate": bool | None, "calibrate_batches": int | None}
         defaults: dict[str, Any] = dict.fromkeys(hints)
         known = set(hints)
         if spec != "bn":

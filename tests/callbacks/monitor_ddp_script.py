@@ -60,7 +60,7 @@ def _recording_pack(self: NormStatsCollector) -> torch.Tensor:
 
 
 def main(out: Path) -> None:
-    NormStatsCollector.pack = _recording_pack  # type: ignore[method-assign]
+    NormStatsCollector.pack = _recording_pack  # type: ignore[method-assign]  # record what each rank packs
     torch.set_num_threads(1)
     trainer = pl.Trainer(
         accelerator="cpu",

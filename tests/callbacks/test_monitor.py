@@ -6,7 +6,6 @@ import copy
 import csv
 import math
 import re
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 import torchvision
+from helpers import run_ddp
 from monitor_lit import AllNorms, LitModel, condition_of, dataset, loader, trainer_kwargs
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
@@ -141,7 +141,7 @@ def test_families_by_class_hierarchy() -> None:
     with pytest.raises(SpecError, match=r"family name must be letters.*got 'a/b'"):
         register_family(MyGN, "a/b")
     with pytest.raises(SpecError, match=r"cls must be an nn.Module subclass, got 3"):
-        register_family(3, "three")  # type: ignore[arg-type]
+        register_family(3, "three")  # type: ignore[arg-type]  # wrong type on purpose
 
 
 def test_history_state_roundtrip_and_reindex() -> None:
@@ -448,15 +448,7 @@ def test_resume_keeps_the_history(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
     out = tmp_path_factory.mktemp("ddp_monitor")
-    proc = subprocess.run(
-        [sys.executable, str(HERE / "monitor_ddp_script.py"), str(out)],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        cwd=HERE,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    ranks = run_ddp(HERE / "monitor_ddp_script.py", out, timeout=240, cwd=HERE)
     return out, ranks
 
 

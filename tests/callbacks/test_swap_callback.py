@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 import torch
 import yaml
+from helpers import run_ddp
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from swap_lit import LitClassifier, loader, trainer
 from torch import nn
@@ -235,16 +234,7 @@ def test_bn_left_alone_becomes_syncbn_as_usual(tmp_path: Path) -> None:
 def test_ddp_two_processes(tmp_path: Path) -> None:
     """2 CPU processes (gloo): identical converted models; calibrated parameters broadcast
     from rank zero."""
-    script = HERE / "swap_ddp_script.py"
-    proc = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=HERE,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    ranks = run_ddp(HERE / "swap_ddp_script.py", tmp_path, timeout=300, cwd=HERE)
     assert ranks[0]["kinds"] == ranks[1]["kinds"]
     assert ranks[0]["kinds"]["model.layer4.1.bn2"] == "BatchNorm2d"  # excluded
     assert "GroupNorm" in ranks[0]["kinds"].values()

@@ -15,15 +15,14 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from normswap.errors import ConditionError, NormSwapError, SpecError
 from normswap.norms.group import (
-    _check_input,
     _group_norm,
     _is_positive_int,
     _keep_memory_format,
+    _refuse_input,
     _spatial_numel,
     _where,
 )
@@ -106,7 +105,8 @@ class AdaLIN(_ChannelAffineNorm):
             >>> AdaLIN(4)(torch.randn(2, 4, 5)).shape
             torch.Size([2, 4, 5])
         """
-        _check_input(self, x, self.num_channels, min_dim=3)
+        if x.dim() < 3 or x.shape[1] != self.num_channels:
+            _refuse_input(self, x, self.num_channels, min_dim=3)
         if _spatial_numel(x) == 1:
             raise NormSwapError(
                 f"{_where(self)}: AdaLIN got input of shape {tuple(x.shape)} with a single "
@@ -114,16 +114,20 @@ class AdaLIN(_ChannelAffineNorm):
                 f"LayerNorm or GroupNorm here"
             )
         inst = _group_norm(x, self.num_channels, None, None, self.eps)
-        layer = F.group_norm(x, 1, None, None, self.eps)
+        layer = torch.group_norm(x, 1, None, None, self.eps)  # see _group_norm
         # lerp(ln, in, rho) = rho * in + (1 - rho) * ln
         # Parameters follow the activation's dtype (under autocast group_norm returns bf16/fp16
         # while the parameters stay float32; lerp/addcmul need one dtype).
-        rho = _channel_view(self.rho.clamp(0, 1), x).to(layer.dtype)
-        out = torch.lerp(layer, inst, rho)
+        view = (1, -1, *([1] * (x.dim() - 2)))
+        rho = self.rho.clamp(0, 1).view(view)
+        cast = rho.dtype != layer.dtype
+        out = torch.lerp(layer, inst, rho.to(layer.dtype) if cast else rho)
         if self.weight is not None and self.bias is not None:
-            weight = _channel_view(self.weight, x).to(out.dtype)
-            out = torch.addcmul(_channel_view(self.bias, x).to(out.dtype), out, weight)
-        return _keep_memory_format(out, x)
+            weight, bias = self.weight.view(view), self.bias.view(view)
+            if cast:
+                weight, bias = weight.to(out.dtype), bias.to(out.dtype)
+            out = torch.addcmul(bias, out, weight)
+        return out if x.is_contiguous() else _keep_memory_format(out, x)
 
     def extra_repr(self) -> str:
         """Describe the layer: channels, eps, rho_init and affine."""
@@ -221,13 +225,13 @@ class AdaLN(_ChannelAffineNorm):
                 f"`with normswap.condition(model, c):`"
             )
         batch = x.shape[0]
-        expected = f"({batch}, {self.cond_dim}) or ({self.cond_dim},)"
         if c.dim() == 1:
             c = c.unsqueeze(0)
         if c.dim() != 2 or c.shape[1] != self.cond_dim or c.shape[0] not in (1, batch):
             raise ConditionError(
                 f"AdaLN at {_where(self)}: condition of shape {tuple(self.condition.shape)} "
-                f"does not fit input of shape {tuple(x.shape)}; expected {expected}"
+                f"does not fit input of shape {tuple(x.shape)}; expected "
+                f"({batch}, {self.cond_dim}) or ({self.cond_dim},)"
             )
         return c
 
@@ -250,20 +254,21 @@ class AdaLN(_ChannelAffineNorm):
             >>> norm(torch.randn(2, 4, 5)).shape
             torch.Size([2, 4, 5])
         """
-        _check_input(self, x, self.num_channels, min_dim=2)
+        if x.dim() < 2 or x.shape[1] != self.num_channels:
+            _refuse_input(self, x, self.num_channels, min_dim=2)
         c = self._checked_condition(x)
-        if self.num_channels * _spatial_numel(x) == 1:
+        if self.num_channels == 1 and _spatial_numel(x) == 1:
             raise NormSwapError(
                 f"{_where(self)}: AdaLN sees 1 element per sample for input of shape "
                 f"{tuple(x.shape)}, so its normalized output would be the constant bias"
             )
-        h = F.group_norm(x, 1, self.weight, self.bias, self.eps)
+        h = torch.group_norm(x, 1, self.weight, self.bias, self.eps)  # see _group_norm
         params = self.modulation(c).chunk(self.chunks, dim=1)
         shift, scale = _channel_view(params[0], x), _channel_view(params[1], x)
         out = torch.addcmul(shift, h, 1 + scale)
         if self.gate:
             out = out * (1 + _channel_view(params[2], x))
-        return _keep_memory_format(out, x)
+        return out if x.is_contiguous() else _keep_memory_format(out, x)
 
     def extra_repr(self) -> str:
         """Describe the layer: channels, condition size, MLP width, gate, eps and affine."""

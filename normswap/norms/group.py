@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from normswap.errors import NormSwapError, SpecError
@@ -185,9 +184,10 @@ class GroupNorm(nn.GroupNorm):
             >>> GroupNorm(8, num_groups=4)(torch.randn(2, 8, 3)).shape
             torch.Size([2, 8, 3])
         """
-        _check_input(self, input, self.num_channels, min_dim=2)
-        per_group = (self.num_channels // self.num_groups) * _spatial_numel(input)
-        if per_group == 1:
+        if input.dim() < 2 or input.shape[1] != self.num_channels:
+            _refuse_input(self, input, self.num_channels, min_dim=2)
+        # One element per group needs one channel per group and a single position.
+        if self.num_groups == self.num_channels and _spatial_numel(input) == 1:
             raise NormSwapError(
                 f"{_where(self)}: GroupNorm with {self.num_groups} groups over "
                 f"{self.num_channels} channels sees 1 element per group for input of shape "
@@ -219,8 +219,12 @@ def _spatial_numel(x: Tensor) -> int:
     return math.prod(x.shape[2:])
 
 
-def _check_input(module: nn.Module, x: Tensor, num_channels: int, min_dim: int) -> None:
-    """Refuse input of too low rank or with the wrong channel count, naming the module."""
+def _refuse_input(module: nn.Module, x: Tensor, num_channels: int, min_dim: int) -> None:
+    """Raise for input of too low rank or with the wrong channel count, naming the module.
+
+    The layers test ``x.dim() < min_dim or x.shape[1] != num_channels`` inline and call this only
+    when it holds: a forward pass then costs two attribute reads, not a function call.
+    """
     name = type(module).__name__
     if x.dim() < min_dim:
         layout = "(N, C)" if min_dim == 2 else "(N, C, *S) with at least one spatial dim"
@@ -234,6 +238,10 @@ def _check_input(module: nn.Module, x: Tensor, num_channels: int, min_dim: int) 
             f"shape {tuple(x.shape)} ({x.shape[1]} channels in dim 1); the channel dim must be "
             f"dim 1, as for BatchNorm"
         )
+
+
+#: The channels-last memory format of each input rank that has one.
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
@@ -265,15 +273,24 @@ _VIA_CONTIGUOUS_POSITIONS = {1: (16, None), 2: (16, 1024), 3: (16, 1024), 4: (16
 def _group_norm(
     x: Tensor, groups: int, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> Tensor:
-    """``F.group_norm`` by the faster CPU kernel for ``x``'s layout, in ``x``'s memory format."""
-    fmt = _memory_format(x)
-    if fmt is not torch.contiguous_format and x.device.type == "cpu":
-        window = _VIA_CONTIGUOUS_POSITIONS.get(x.shape[1] // groups)
-        if window is not None:
-            positions, (low, high) = _spatial_numel(x), window
-            if positions >= low and (high is None or positions <= high):
-                x = x.contiguous()
-    return F.group_norm(x, groups, weight, bias, eps).contiguous(memory_format=fmt)
+    """``F.group_norm`` by the faster CPU kernel for ``x``'s layout, in ``x``'s memory format.
+
+    Calls the op ``F.group_norm`` wraps, ``torch.group_norm``, directly: the wrapper's Python
+    checks (a torch-function test and a batch-size product over a freshly built list) cost about
+    5% of a forward+backward at the small maps of late CNN stages (``layer_overhead.py``), and
+    the layers' own checks already refuse what it would (a single element per group).
+    """
+    if x.is_contiguous():
+        return torch.group_norm(x, groups, weight, bias, eps)
+    fmt = _CHANNELS_LAST.get(x.dim(), torch.contiguous_format)
+    if fmt is torch.contiguous_format or not x.is_contiguous(memory_format=fmt):
+        return torch.group_norm(x, groups, weight, bias, eps)  # any other strides: contiguous out
+    window = _VIA_CONTIGUOUS_POSITIONS.get(x.shape[1] // groups)
+    if window is not None and x.is_cpu:
+        positions, (low, high) = _spatial_numel(x), window
+        if positions >= low and (high is None or positions <= high):
+            x = x.contiguous()
+    return torch.group_norm(x, groups, weight, bias, eps).contiguous(memory_format=fmt)
 
 
 def _keep_memory_format(out: Tensor, like: Tensor) -> Tensor:

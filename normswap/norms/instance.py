@@ -8,9 +8,9 @@ from torch import Tensor
 
 from normswap.errors import NormSwapError, SpecError
 from normswap.norms.group import (
-    _check_input,
     _group_norm,
     _keep_memory_format,
+    _refuse_input,
     _spatial_numel,
     _where,
 )
@@ -118,7 +118,8 @@ class InstanceNorm(_ChannelAffineNorm):
             >>> InstanceNorm(4)(torch.randn(2, 4, 5)).shape
             torch.Size([2, 4, 5])
         """
-        _check_input(self, x, self.num_channels, min_dim=3)
+        if x.dim() < 3 or x.shape[1] != self.num_channels:
+            _refuse_input(self, x, self.num_channels, min_dim=3)
         use_input_stats = self.training or not self.track_running_stats
         if use_input_stats and _spatial_numel(x) == 1:
             raise NormSwapError(

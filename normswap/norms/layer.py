@@ -18,18 +18,16 @@ from torch import Tensor, nn
 
 from normswap.errors import NormSwapError, SpecError
 from normswap.norms.group import (
-    _check_input,
+    _CHANNELS_LAST,
     _is_positive_int,
     _keep_memory_format,
     _memory_format,
+    _refuse_input,
     _spatial_numel,
     _where,
 )
 
 __all__ = ["LayerNorm", "LayerNorm2d"]
-
-#: The channels-last memory format of each input rank that has one.
-_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
 class _ChannelAffineNorm(nn.Module):
@@ -124,15 +122,17 @@ class LayerNorm(_ChannelAffineNorm):
             >>> LayerNorm(4)(torch.randn(3, 4)).shape
             torch.Size([3, 4])
         """
-        _check_input(self, x, self.num_channels, min_dim=2)
-        if self.num_channels * _spatial_numel(x) == 1:
+        if x.dim() < 2 or x.shape[1] != self.num_channels:
+            _refuse_input(self, x, self.num_channels, min_dim=2)
+        if self.num_channels == 1 and _spatial_numel(x) == 1:
             raise NormSwapError(
                 f"{_where(self)}: LayerNorm sees 1 element per sample for input of shape "
                 f"{tuple(x.shape)}, so its output would be the constant bias; it needs more "
                 f"than one channel or position"
             )
-        out = F.group_norm(x, 1, self.weight, self.bias, self.eps)
-        return _keep_memory_format(out, x)
+        # torch.group_norm: the op F.group_norm wraps, without its Python checks (see _group_norm).
+        out = torch.group_norm(x, 1, self.weight, self.bias, self.eps)
+        return out if x.is_contiguous() else _keep_memory_format(out, x)
 
 
 class LayerNorm2d(_ChannelAffineNorm):
@@ -177,7 +177,8 @@ class LayerNorm2d(_ChannelAffineNorm):
             >>> LayerNorm2d(4)(torch.randn(2, 4, 5)).shape
             torch.Size([2, 4, 5])
         """
-        _check_input(self, x, self.num_channels, min_dim=2)
+        if x.dim() < 2 or x.shape[1] != self.num_channels:
+            _refuse_input(self, x, self.num_channels, min_dim=2)
         if self.num_channels == 1:
             raise NormSwapError(
                 f"{_where(self)}: LayerNorm2d over 1 channel normalizes a single element per "

@@ -75,6 +75,47 @@ def test_standardization_keeps_channels_last_and_trains_the_original() -> None:
 
 
 @pytest.mark.parametrize(
+    ("make", "fmt"),
+    [
+        (lambda: nn.Conv2d(3, 5, 3), torch.contiguous_format),
+        (lambda: nn.Conv2d(3, 5, 3), torch.channels_last),
+        (lambda: nn.Conv3d(2, 4, 2), torch.channels_last_3d),
+        (lambda: nn.ConvTranspose2d(3, 5, 3), torch.contiguous_format),
+        (lambda: nn.ConvTranspose2d(3, 5, 3), torch.channels_last),
+        (lambda: nn.Linear(6, 4), torch.contiguous_format),
+    ],
+    ids=["conv2d", "conv2d_cl", "conv3d_cl3d", "convT2d", "convT2d_cl", "linear"],
+)
+def test_standardization_values_gradients_and_layout_match_the_formula(
+    make: object, fmt: torch.memory_format
+) -> None:
+    """The batch-norm view of the weight gives the reference formula's values and gradients in
+    every layout, without changing the weight's memory format."""
+    torch.manual_seed(0)
+    module = make().double()  # type: ignore[operator]
+    if fmt is not torch.contiguous_format:
+        module = module.to(memory_format=fmt)
+    original = module.weight.detach().clone().requires_grad_()
+    dim = output_channel_dim(module)
+    standardize_weight(module, eps=1e-4)
+    stored = module.parametrizations.weight.original
+    weight = module.weight
+    assert weight.is_contiguous(memory_format=fmt)
+    expected = _manual_ws(original, dim, 1e-4)
+    assert_close(weight, expected, atol=1e-12, rtol=1e-10)
+    probe = torch.randn_like(expected)
+    (got,) = torch.autograd.grad((weight * probe).sum(), stored)
+    (want,) = torch.autograd.grad((expected * probe).sum(), original)
+    assert_close(got, want, atol=1e-12, rtol=1e-10)
+
+
+def test_standardization_accepts_eps_zero() -> None:
+    ws = WeightStandardization(eps=0.0)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    assert_close(ws(w), _manual_ws(w, 0, 0.0))
+
+
+@pytest.mark.parametrize(
     "module",
     [nn.Linear(1, 4), nn.Conv2d(4, 4, 1, groups=4)],
     ids=["linear_in1", "depthwise_1x1"],

@@ -6,7 +6,9 @@ and every parameter so nothing accumulates):
 * ``GroupNorm(C, 32)`` -> ``F.group_norm(x, 32, w, b)``; ``LayerNorm`` -> ``F.group_norm(x, 1)``;
   ``InstanceNorm`` -> ``F.group_norm(x, C)``; for information also ours against the native
   modules ``nn.GroupNorm`` and ``nn.InstanceNorm2d`` (a module call costs a few microseconds
-  more than a functional call, which shows at the smallest shapes);
+  more than a functional call, which shows at the smallest shapes), and against the ATen op
+  ``torch.group_norm`` that ``F.group_norm`` wraps and our layers call (what is left of our
+  overhead once the functional wrapper's Python checks are not counted);
 * ``LayerNorm2d`` -> ConvNeXt/timm's ``F.layer_norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)``
   (for contiguous input timm returns a channels_last-strided tensor, ours a contiguous one), and
   -> the same followed by ``.contiguous(memory_format=<input's>)``, the same output contract;
@@ -131,6 +133,10 @@ def pairs(n: int, c: int) -> dict[str, tuple[nn.Module, Callable[[torch.Tensor],
     return {
         "GroupNorm(32)": (gn, lambda x: F.group_norm(x, 32, gn.weight, gn.bias, gn.eps)),
         "GroupNorm(32) vs nn.GroupNorm": (gn, native_gn),
+        "GroupNorm(32) vs torch.group_norm": (
+            gn,
+            lambda x: torch.group_norm(x, 32, gn.weight, gn.bias, gn.eps),
+        ),
         "LayerNorm": (ln, lambda x: F.group_norm(x, 1, ln.weight, ln.bias, ln.eps)),
         "InstanceNorm": (inorm, lambda x: F.group_norm(x, c, inorm.weight, inorm.bias, 1e-5)),
         "InstanceNorm vs nn.InstanceNorm2d": (inorm, native_in),

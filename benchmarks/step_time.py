@@ -19,7 +19,8 @@ CPU time, >1.15 flags a contended run). Targets of issue 6 are judged on the CPU
 Default grid: resnet18, batch 8, 64 px, contiguous and channels_last (about 3 minutes on one
 thread). ``--full``: resnet18 and resnet50 x batch 8 and 32 x 64 and 224 px x both layouts
 (hours on a 2-core CPU; minutes on a GPU with ``--device cuda``, where the CPU clock only
-measures the launch overhead and the wall ratio is the one to read).
+measures the launch overhead and the wall ratio is the one to read). The results files are
+rewritten after every cell, so a grid cut short keeps the cells it finished.
 
 Run: ``python benchmarks/step_time.py [--full] [--models resnet18] [--batches 8]
 [--sizes 64] [--rounds 5] [--steps 5] [--threads 1] [--device cpu]``.
@@ -269,6 +270,11 @@ def main() -> None:
                         f"{base.base_wall_ms:.1f} ms wall, {base.base_cpu_ms:.1f} ms CPU",
                         flush=True,
                     )
+                    # After every cell, so that a long grid cut short keeps what it measured.
+                    _write(args, results, rows)
+
+
+def _write(args: argparse.Namespace, results: dict[str, Any], rows: list[list[Any]]) -> None:
     table = markdown(
         ["cell", "layout", "config", "ratio (wall)", "ratio (CPU)", "load", "target", "verdict"],
         rows,

@@ -114,7 +114,7 @@ class AdaLIN(_ChannelAffineNorm):
                 f"LayerNorm or GroupNorm here"
             )
         inst = _group_norm(x, self.num_channels, None, None, self.eps)
-        layer = torch.group_norm(x, 1, None, None, self.eps)  # see _group_norm
+        layer = _group_norm(x, 1, None, None, self.eps)
         # lerp(ln, in, rho) = rho * in + (1 - rho) * ln
         # Parameters follow the activation's dtype (under autocast group_norm returns bf16/fp16
         # while the parameters stay float32; lerp/addcmul need one dtype).
@@ -262,7 +262,7 @@ class AdaLN(_ChannelAffineNorm):
                 f"{_where(self)}: AdaLN sees 1 element per sample for input of shape "
                 f"{tuple(x.shape)}, so its normalized output would be the constant bias"
             )
-        h = torch.group_norm(x, 1, self.weight, self.bias, self.eps)  # see _group_norm
+        h = _group_norm(x, 1, self.weight, self.bias, self.eps)
         params = self.modulation(c).chunk(self.chunks, dim=1)
         shift, scale = _channel_view(params[0], x), _channel_view(params[1], x)
         out = torch.addcmul(shift, h, 1 + scale)

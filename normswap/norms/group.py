@@ -270,17 +270,49 @@ def _memory_format(x: Tensor) -> torch.memory_format:
 _VIA_CONTIGUOUS_POSITIONS = {1: (16, None), 2: (16, 1024), 3: (16, 1024), 4: (16, 1024)}
 
 
+#: The other way round: PyTorch's contiguous GroupNorm CPU backward is slow when a channel holds 2
+#: to 7 positions (2x2 to 2x3 maps, e.g. resnet's last stage at 64 px), where its channels_last
+#: kernel is not (``layer_overhead.py`` and a sweep over map sizes, forward+backward, 1 thread,
+#: AVX-512, torch 2.14.1): 8x512x2x2 with 32 groups takes 265 us contiguous, 96 us through a
+#: channels_last copy (0.36x); 8x256x2x2 with 1 group 0.58x; 32x2048x2x2 0.20x. It pays off
+#: from 8 channels per group over 2-7 positions and from 4 over 4-7 positions (4 channels at
+#: 1x2: 1.11x; 1 or 2 channels per group, as in InstanceNorm: no gain); 1x1 and >= 3x3 maps are
+#: fast contiguous. (min channels per group, min positions, max positions), first match wins.
+_VIA_CHANNELS_LAST_POSITIONS = ((8, 2, 7), (4, 4, 7))
+
+
+def _slow_contiguous_backward(x: Tensor, groups: int, weight: Tensor | None) -> bool:
+    """Whether contiguous CPU ``x`` would hit the slow GroupNorm backward (see above)."""
+    if x.dim() not in _CHANNELS_LAST or x.dtype is not torch.float32:  # measured: fp32
+        return False
+    if not (x.requires_grad or (weight is not None and weight.requires_grad)):
+        return False
+    if not torch.is_grad_enabled():
+        return False
+    positions, per_group = _spatial_numel(x), x.shape[1] // groups
+    for min_channels, low, high in _VIA_CHANNELS_LAST_POSITIONS:
+        if per_group >= min_channels:
+            return low <= positions <= high
+    return False
+
+
 def _group_norm(
     x: Tensor, groups: int, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> Tensor:
     """``F.group_norm`` by the faster CPU kernel for ``x``'s layout, in ``x``'s memory format.
 
-    Calls the op ``F.group_norm`` wraps, ``torch.group_norm``, directly: the wrapper's Python
+    On CPU, input whose layout has the slower kernel for its shape goes through a copy in the
+    other layout (the tables above), and the output comes back in ``x``'s memory format. Calls
+    the op ``F.group_norm`` wraps, ``torch.group_norm``, directly: the wrapper's Python
     checks (a torch-function test and a batch-size product over a freshly built list) cost about
     5% of a forward+backward at the small maps of late CNN stages (``layer_overhead.py``), and
     the layers' own checks already refuse what it would (a single element per group).
     """
     if x.is_contiguous():
+        if x.is_cpu and _slow_contiguous_backward(x, groups, weight):
+            fmt = _CHANNELS_LAST[x.dim()]
+            out = torch.group_norm(x.contiguous(memory_format=fmt), groups, weight, bias, eps)
+            return out.contiguous()
         return torch.group_norm(x, groups, weight, bias, eps)
     fmt = _CHANNELS_LAST.get(x.dim(), torch.contiguous_format)
     if fmt is torch.contiguous_format or not x.is_contiguous(memory_format=fmt):

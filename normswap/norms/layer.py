@@ -19,8 +19,8 @@ from torch import Tensor, nn
 from normswap.errors import NormSwapError, SpecError
 from normswap.norms.group import (
     _CHANNELS_LAST,
+    _group_norm,
     _is_positive_int,
-    _keep_memory_format,
     _memory_format,
     _refuse_input,
     _spatial_numel,
@@ -130,9 +130,7 @@ class LayerNorm(_ChannelAffineNorm):
                 f"{tuple(x.shape)}, so its output would be the constant bias; it needs more "
                 f"than one channel or position"
             )
-        # torch.group_norm: the op F.group_norm wraps, without its Python checks (see _group_norm).
-        out = torch.group_norm(x, 1, self.weight, self.bias, self.eps)
-        return out if x.is_contiguous() else _keep_memory_format(out, x)
+        return _group_norm(x, 1, self.weight, self.bias, self.eps)
 
 
 class LayerNorm2d(_ChannelAffineNorm):

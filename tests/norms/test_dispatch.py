@@ -26,6 +26,7 @@ CASES = [
     ("contig_3x3_outside", (4, 512, 3, 3), 32, torch.contiguous_format),
     ("contig_2x2_instance_outside", (4, 64, 2, 2), 64, torch.contiguous_format),
     ("cl_8x8_2_per_group", (4, 64, 8, 8), 32, CL),
+    ("cl_32x32_2_per_group_outside", (2, 64, 32, 32), 32, CL),
     ("cl_4x4_instance", (4, 32, 4, 4), 32, CL),
     ("cl_2x2_16_per_group", (4, 512, 2, 2), 32, CL),
     ("contig_3d_2x2x2", (2, 128, 2, 2, 1), 16, torch.contiguous_format),

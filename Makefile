@@ -18,7 +18,8 @@ PIP_INSTALL_FLAGS := $(if $(CI),--progress-bar off,)
 # puts the MobileNetV2 checkpoint there, so tests and the demo never download anything.
 export TORCH_HOME ?= $(CURDIR)/.cache/torch
 
-.PHONY: help venv assets lint format test demo demo-pretrained bench bench-fidelity clean distclean
+.PHONY: help venv assets lint format test demo demo-pretrained bench bench-grid bench-fidelity clean \
+	distclean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -62,6 +63,16 @@ bench: venv assets ## the fast benchmarks, one thread (BENCH_ARGS="--threads 1 -
 	@echo "== benchmarks/monitor_overhead.py"
 	$(PY) benchmarks/monitor_overhead.py --threads 1 --clock cpu \
 	  | tee benchmarks/results/monitor_overhead.md
+
+# The whole step-time grid of issue 6 on CPU, in two parts (224 px with fewer, longer rounds),
+# then one table: about 75 minutes on one thread.
+GRID := --models resnet18 resnet50 --batches 8 32 --threads 1
+bench-grid: venv assets ## step time of every target over the whole grid (about 75 min), one table
+	$(PY) benchmarks/step_time.py $(GRID) --sizes 64 --name step_time_full_64
+	$(PY) benchmarks/step_time.py $(GRID) --sizes 224 --rounds 3 --steps 1 --warmup 1 \
+	  --name step_time_full_224
+	$(PY) benchmarks/step_grid.py benchmarks/results/step_time_full_64.json \
+	  benchmarks/results/step_time_full_224.json
 
 bench-fidelity: venv assets ## pretrained-conversion fidelity (slow: about an hour), then per-layer costs
 	$(PY) benchmarks/fidelity.py $(ARGS)

@@ -18,6 +18,9 @@ and every parameter so nothing accumulates):
 * a 3x3 conv with our ``weight_norm`` -> the same conv with torch's
   ``parametrizations.weight_norm``; with ``standardize_weight`` -> timm's ``StdConv2d``
   formulation (``F.batch_norm`` over the weight viewed as ``(1, O, -1)``);
+* for information, GroupNorm(32), LayerNorm, InstanceNorm and LayerNorm2d against a training-mode
+  ``nn.BatchNorm2d`` on the same tensor: what explains a target's step time in
+  ``step_time.py`` layer by layer (PyTorch's BN kernels are the baseline there);
 * the seed articles' Python GroupNorm(32) / LayerNorm (view/mean/var, see ``step_time.py``)
   -> our GroupNorm / LayerNorm: the speed-up of ours over "what a user would write".
 
@@ -108,6 +111,7 @@ def pairs(n: int, c: int) -> dict[str, tuple[nn.Module, Callable[[torch.Tensor],
     adaln.condition = torch.randn(n, COND_DIM)
     native_in = _randomized(nn.InstanceNorm2d(c, affine=True))
     native_gn = _randomized(nn.GroupNorm(32, c))
+    bn = _randomized(nn.BatchNorm2d(c))
     torch.manual_seed(0)
     wn_conv = weight_norm(nn.Conv2d(c, c, 3, padding=1))
     torch_wn_conv = nn.utils.parametrizations.weight_norm(nn.Conv2d(c, c, 3, padding=1))
@@ -149,6 +153,10 @@ def pairs(n: int, c: int) -> dict[str, tuple[nn.Module, Callable[[torch.Tensor],
         "AdaLN": (adaln, adaln_inline),
         "weight_norm conv": (wn_conv, torch_wn_conv),
         "standardize_weight conv": (ws_conv, timm_conv),
+        "GroupNorm(32) vs BatchNorm2d": (gn, bn),
+        "LayerNorm vs BatchNorm2d": (ln, bn),
+        "InstanceNorm vs BatchNorm2d": (inorm, bn),
+        "LayerNorm2d vs BatchNorm2d": (ln2d, bn),
         "seed GroupNorm(32) / ours": (SeedGroupNorm(c), gn),
         "seed LayerNorm / ours": (SeedLayerNorm(c), ln),
     }
@@ -221,7 +229,7 @@ def main() -> None:
         if row.startswith("seed"):
             worst = min(cpu)
             verdict = "met" if worst >= SEED_SPEEDUP else "MISSED"
-        elif row.endswith(("vs nn.InstanceNorm2d", "vs timm")):
+        elif row.endswith(("vs nn.InstanceNorm2d", "vs timm", "vs BatchNorm2d")):
             worst, verdict = max(cpu), "-"
         else:
             worst = max(cpu)

@@ -10,6 +10,7 @@ from normswap.errors import NormSwapError, SpecError
 from normswap.norms.group import (
     _group_norm,
     _keep_memory_format,
+    _memory_format,
     _refuse_input,
     _spatial_numel,
     _where,
@@ -130,23 +131,29 @@ class InstanceNorm(_ChannelAffineNorm):
             )
         if not self.track_running_stats:
             return _group_norm(x, self.num_channels, self.weight, self.bias, self.eps)
-        factor = 0.0
-        if self.training:
-            assert self.num_batches_tracked is not None
-            self.num_batches_tracked.add_(1)
-            factor = (
-                1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        if not self.training:
+            # Running statistics shared by every instance: exactly eval-mode batch norm, one
+            # fused kernel that keeps the layout (F.instance_norm would repeat them N times).
+            return F.batch_norm(
+                x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
             )
+        assert self.num_batches_tracked is not None
+        self.num_batches_tracked.add_(1)
+        factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         out = F.instance_norm(
             x,
             self.running_mean,
             self.running_var,
             self.weight,
             self.bias,
-            use_input_stats=self.training,
+            use_input_stats=True,
             momentum=factor,
             eps=self.eps,
         )
+        if out._is_view() and out.requires_grad:
+            # F.instance_norm returns a view of its batch-norm output; an in-place op after this
+            # layer (ReLU(inplace=True)) on a view is replayed through copies in backward.
+            return out.clone(memory_format=_memory_format(x))
         return _keep_memory_format(out, x)
 
     def extra_repr(self) -> str:

@@ -1,5 +1,8 @@
 """Every converted layer returns its output in its input's memory format, for every target.
 
+Under autograd the output must also be a fresh tensor, not a view: resnets follow each norm with
+``ReLU(inplace=True)``, and an in-place op on a view makes autograd replay it through copies.
+
 A model with a residual block (BN after a 3x3 and a 1x1 conv, a BN on the sum) is converted to
 each target, moved to a memory format and run forward and backward; hooks check every layer the
 conversion produced or reparameterized (normswap norms, kept BatchNorms, weight-normalized and
@@ -85,10 +88,13 @@ def test_every_converted_layer_keeps_the_input_memory_format(case: str, fmt: str
     model = model.to(memory_format=FORMATS[fmt])
     x = x.contiguous(memory_format=FORMATS[fmt]).requires_grad_()
     seen: list[tuple[str, str, str]] = []
+    views: list[str] = []
 
     def check(module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
         if args[0].dim() == 4:  # the weight-normalized Linear head sees (N, C)
             seen.append((type(module).__name__, _layout(args[0]), _layout(out)))
+        if out._is_view():  # an in-place ReLU after a view is replayed through copies
+            views.append(type(module).__name__)
 
     checked = [m for m in model.modules() if _is_checked(m)]
     assert checked, "the conversion produced nothing to check"
@@ -104,6 +110,7 @@ def test_every_converted_layer_keeps_the_input_memory_format(case: str, fmt: str
             handle.remove()
     wrong = [s for s in seen if s[1] != s[2]]
     assert not wrong, f"(layer, input layout, output layout) that changed format: {wrong}"
+    assert not views, f"layers whose training output is a view of another tensor: {views}"
     assert {s[1] for s in seen} == {fmt}, seen  # the format reached every checked layer
     out.sum().backward()
     assert x.grad is not None and _layout(x.grad) in FORMATS

@@ -264,11 +264,14 @@ def _memory_format(x: Tensor) -> torch.memory_format:
 #: On CPU, PyTorch's channels_last GroupNorm kernel is slow when each group holds few channels
 #: (``benchmarks/layer_overhead.py`` and a sweep over map sizes, forward+backward, 1 thread,
 #: torch 2.14.1). Through a contiguous copy and back: InstanceNorm (1 channel per group) takes
-#: 0.19-0.75x the time from 4x4 to 56x56 maps (below 4x4 the copies cost more: 1.3x at 2x2; about
-#: even at 32x32); GroupNorm with 2-4 channels per group 0.49-0.80x from 4x4 to 24x24 maps at
-#: batch 8 and 32, but 1.5-2.4x at 32x32 and 1.1-2.7x at 56x56; from 8 channels per group the
-#: channels_last kernel is the faster one. channels per group -> (min, max) positions.
-_VIA_CONTIGUOUS_POSITIONS = {1: (16, None), 2: (16, 576), 3: (16, 576), 4: (16, 576)}
+#: 0.19-0.79x the time from 4x4 to 56x56 maps (below 4x4 the copies cost more: 1.3x at 2x2; about
+#: even at 32x32); GroupNorm with 2-4 channels per group 0.48-0.91x from 4x4 to 31x33 maps at
+#: batch 8 and 32. From 1024 positions per channel the channels_last kernel itself gets twice as
+#: fast (2 channels per group: 3.5 us per position at 1023 positions, 1.7 at 1024 and 1025), and
+#: the detour loses there (1.1-3.1x at 32x32 to 64x64); from 8 channels per group the
+#: channels_last kernel is the faster one at every size. channels per group -> (min, max)
+#: positions.
+_VIA_CONTIGUOUS_POSITIONS = {1: (16, None), 2: (16, 1023), 3: (16, 1023), 4: (16, 1023)}
 
 
 #: The other way round: PyTorch's contiguous GroupNorm CPU backward is slow when a channel holds 2

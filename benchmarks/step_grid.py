@@ -2,7 +2,9 @@
 
 ``step_time.py --full`` writes one row per (cell, layout, configuration), which is long; the
 whole grid takes hours on a small CPU, so it is often run in parts (``--sizes 64 --name A``,
-``--sizes 224 --name B``). This script reads any number of those JSON files, and writes
+``--sizes 224 --name B``), and some configurations re-run after a fix (``--configs gn
+--name C``). This script reads any number of those JSON files, later ones replacing the
+configurations they re-measured, and writes
 ``results/<name>.md`` with each configuration's CPU-time ratio to BN (wall-time ratio on a GPU)
 per cell as ``contiguous / channels_last``, the worst cell against issue 6's target, and the
 rounds and steps each part was measured with. It measures nothing itself.
@@ -48,7 +50,9 @@ def summarize(paths: list[Path]) -> tuple[dict[str, Any], str, str]:
         )
         for cell in data["cells"]:
             key = (cell["model"], cell["batch"], cell["size"])
-            cells.setdefault(key, {})[cell["format"]] = cell["ratios"]
+            # A later file's configurations replace an earlier one's in the same cell and layout
+            # (a re-run of a few configurations after a fix), the others stay.
+            cells.setdefault(key, {}).setdefault(cell["format"], {}).update(cell["ratios"])
     order = sorted(cells, key=lambda k: _cell_key({"model": k[0], "batch": k[1], "size": k[2]}))
     header = ["config", *(f"{m} b{b} {s}px" for m, b, s in order), "worst vs target"]
     body = []

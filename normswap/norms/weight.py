@@ -88,6 +88,14 @@ class WeightStandardization(nn.Module):
             torch.Size([4, 3, 3, 3])
         """
         rank = weight.dim()
+        if torch.compiler.is_compiling():
+            # The compiler fuses this composition itself, and the batch-norm path's reshapes
+            # become views in the traced backward that fail when the real weight gradient's
+            # strides differ from the traced ones (resnet50 under aot_eager).
+            dim = self.dim % rank
+            reduce = [d for d in range(rank) if d != dim]
+            var, mean = torch.var_mean(weight, dim=reduce, keepdim=True, correction=0)
+            return (weight - mean) * torch.rsqrt(var + self.eps)
         order = _MEMORY_ORDER.get((rank, _memory_format(weight)), tuple(range(rank)))
         # The weight in memory order is a contiguous tensor; seen as (before, C, after) around the
         # output-channel dim, batch norm's statistics are exactly the per-channel ones wanted.
@@ -100,7 +108,7 @@ class WeightStandardization(nn.Module):
         out = torch.batch_norm(
             view, None, None, None, None, True, 0.0, self.eps, torch.backends.cudnn.enabled
         )
-        return out.view(shape).permute(_inverse(order))
+        return out.reshape(shape).permute(_inverse(order))
 
     def extra_repr(self) -> str:
         """Describe the parametrization: eps and dim."""

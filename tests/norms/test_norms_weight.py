@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.testing import assert_close
 
+import normswap
 from normswap.errors import NormSwapError, UnsupportedModuleError
 from normswap.norms import (
     WeightStandardization,
@@ -209,3 +211,19 @@ def test_reparameterizations_refuse_unsupported_modules(apply: object) -> None:
         apply(nn.ConvTranspose2d(4, 4, 3, groups=2))  # type: ignore[operator]
     with pytest.raises(UnsupportedModuleError, match="uninitialized"):
         apply(nn.LazyConv2d(4, 3))  # type: ignore[operator]
+
+
+def test_weight_standardized_resnet_compiles_with_fullgraph() -> None:
+    """torch.compile traces a WS resnet18's training step without graph breaks and computes
+    the eager gradients (``aot_eager`` traces through AOTAutograd like inductor). The eager
+    batch-norm path's reshapes failed here as views in the traced backward."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=4)
+    normswap.swap(model, "ws_gn")
+    x = torch.randn(2, 3, 32, 32)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    got = torch.autograd.grad(compiled(x).square().sum(), params)
+    want = torch.autograd.grad(model(x).square().sum(), params)
+    for g, w in zip(got, want, strict=True):
+        assert_close(g, w, atol=1e-4, rtol=1e-3)

@@ -8,9 +8,12 @@ change values, gradients or the output's memory format, and must be taken only w
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.testing import assert_close
 
 from normswap.norms import AdaLIN, GroupNorm, InstanceNorm, LayerNorm
@@ -58,9 +61,10 @@ def test_dispatch_matches_group_norm_values_gradients_and_layout(
 
 
 def test_contiguous_detour_is_taken_only_in_its_measured_window() -> None:
-    def slow(shape: tuple[int, ...], groups: int, **kw: object) -> bool:
-        x = torch.randn(shape, dtype=kw.get("dtype", torch.float32))  # type: ignore[arg-type]
-        x.requires_grad_(kw.get("grad", True))  # type: ignore[arg-type]
+    def slow(
+        shape: tuple[int, ...], groups: int, dtype: torch.dtype = torch.float32, grad: bool = True
+    ) -> bool:
+        x = torch.randn(shape, dtype=dtype).requires_grad_(grad)
         return _slow_contiguous_backward(x, groups, None)
 
     assert slow((2, 512, 2, 2), 32)  # 16 channels per group, 4 positions
@@ -89,16 +93,16 @@ def test_contiguous_detour_is_taken_only_in_its_measured_window() -> None:
 )
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, CL], ids=["contiguous", "cl"])
 def test_layers_on_small_maps_match_their_float64_selves(
-    make: object, fmt: torch.memory_format
+    make: Callable[[], nn.Module], fmt: torch.memory_format
 ) -> None:
     """Layers at a 2x2 map (inside the windows) agree with the same layer run in float64,
     where no detour is taken, and keep the input's layout."""
     torch.manual_seed(0)
-    layer = make()  # type: ignore[operator]
+    layer = make()
     with torch.no_grad():
         for p in layer.parameters():
             p.copy_(torch.rand_like(p) * 0.8 + 0.1)
-    layer64 = make().double()  # type: ignore[operator]
+    layer64 = make().double()
     layer64.load_state_dict(layer.state_dict())
     base = torch.randn(4, 256, 2, 2, dtype=torch.float64)
     x = base.float().contiguous(memory_format=fmt).requires_grad_()

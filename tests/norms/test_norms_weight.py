@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -89,12 +91,12 @@ def test_standardization_keeps_channels_last_and_trains_the_original() -> None:
     ids=["conv2d", "conv2d_cl", "conv3d_cl3d", "convT2d", "convT2d_cl", "linear"],
 )
 def test_standardization_values_gradients_and_layout_match_the_formula(
-    make: object, fmt: torch.memory_format
+    make: Callable[[], nn.Module], fmt: torch.memory_format
 ) -> None:
     """The batch-norm view of the weight gives the reference formula's values and gradients in
     every layout, without changing the weight's memory format."""
     torch.manual_seed(0)
-    module = make().double()  # type: ignore[operator]
+    module = make().double()
     if fmt is not torch.contiguous_format:
         module = module.to(memory_format=fmt)
     original = module.weight.detach().clone().requires_grad_()

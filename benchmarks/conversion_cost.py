@@ -112,7 +112,7 @@ def methods(target: str) -> dict[str, Callable[[nn.Module], nn.Module]]:
 
 def _norm_like(module: nn.Module) -> bool:
     return isinstance(
-        module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, *normswap.norms.NORM_LAYERS)
+        module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, *normswap.families.family_layers())
     )
 
 

@@ -24,7 +24,7 @@ import torch
 import torchvision
 
 import normswap
-from normswap.calibrate import calibrate
+from normswap.pretrained.calibrate import calibrate
 from normswap.data import load_fashion_mnist, to_imagenet
 
 

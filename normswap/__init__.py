@@ -1,17 +1,22 @@
 """normswap: replace BatchNorm in any PyTorch model with the normalization you need.
 
+The flow is spec → plan → surgery → report: :func:`swap` plans every replacement (what each
+BatchNorm becomes, or why it stays), refuses the whole swap with one error if any step is
+invalid, then executes the plan. Each target norm is a *family* (:mod:`normswap.families`):
+its spec, target, calibration fitter and monitor family in one module.
+
 Example:
-    >>> import torchvision, normswap
+    >>> import torchvision
     >>> model = torchvision.models.resnet50()
-    >>> report = normswap.swap(model, "gn")
-    >>> print(report)  # doctest: +SKIP
+    >>> normswap.swap(model, "gn").counts()
+    {'BatchNorm2d -> GroupNorm': 53}
 """
 
 from __future__ import annotations
 
-from normswap.calibrate import CalibrationError, CalibrationReport, calibrate, register_fitter
-from normswap.distill import DistillReport, Fidelity, distill, fidelity
 from normswap.errors import (
+    ApplyError,
+    CalibrationError,
     ConditionError,
     FoldError,
     NormSwapError,
@@ -20,11 +25,38 @@ from normswap.errors import (
     TraceError,
     UnsupportedModuleError,
 )
-from normswap.fold import fold_bn, fold_conv_bn
-from normswap.metrics import family_of, list_families, register_family
+from normswap.families import (
+    Decision,
+    Family,
+    LayerStep,
+    NormContext,
+    PlanContext,
+    Target,
+    get_family,
+    register_family,
+    unregister_family,
+)
+from normswap.families.adalin import AdaLINSpec
+from normswap.families.adaln import AdaLNSpec
+from normswap.families.frozen import FrozenSpec
+from normswap.families.gn import GroupNormSpec
+from normswap.families.instance import InstanceNormSpec
+from normswap.families.ln import LayerNormSpec
+from normswap.families.ln2d import LayerNorm2dSpec
+from normswap.families.wn import WeightNormSpec
+from normswap.families.ws_gn import WSGroupNormSpec
+from normswap.graph import GraphFacts, trace
+from normswap.graph.fold import fold_conv_bn
+from normswap.monitor.families import (
+    family_of,
+    list_families,
+    register_monitor_family,
+    register_monitor_rule,
+)
 from normswap.norms import (
     AdaLIN,
     AdaLN,
+    FrozenAffine,
     GroupNorm,
     InstanceNorm,
     LayerNorm,
@@ -32,47 +64,42 @@ from normswap.norms import (
     WeightStandardization,
     condition,
     resolve_groups,
+    set_kernel_dispatch,
     standardize_weight,
     weight_norm,
 )
 from normswap.plan import Plan, plan
-from normswap.pretrained import ConversionResult, convert_pretrained
+from normswap.pretrained.calibrate import CalibrationReport, calibrate
+from normswap.pretrained.convert import ConversionResult, convert_pretrained
+from normswap.pretrained.distill import DistillReport, distill
+from normswap.pretrained.fidelity import Fidelity, fidelity
+from normswap.pretrained.fitters import Fitter, register_fitter
+from normswap.record import restore, surgery_record
 from normswap.report import SwapRecord, SwapReport
-from normswap.restore import restore, surgery_record
 from normswap.sources import SourceNorm, describe_source, is_source_norm, register_source
-from normswap.specs import (
-    AdaLINSpec,
-    AdaLNSpec,
-    GroupNormSpec,
-    InstanceNormSpec,
-    LayerNorm2dSpec,
-    LayerNormSpec,
-    NormSpec,
-    WeightNormSpec,
-    WSGroupNormSpec,
-    get_spec,
-    list_norms,
-    register_norm,
-    spec_from_dict,
-)
-from normswap.surgery import apply, swap
-from normswap.targets import Target, register_target
-from normswap.trace import GraphFacts, trace
+from normswap.specs import NormSpec, get_spec, list_norms, spec_from_dict
+from normswap.surgery import apply, fold_bn, swap
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AdaLIN",
     "AdaLINSpec",
     "AdaLN",
     "AdaLNSpec",
+    "ApplyError",
     "CalibrationError",
     "CalibrationReport",
     "ConditionError",
     "ConversionResult",
+    "Decision",
     "DistillReport",
+    "Family",
     "Fidelity",
+    "Fitter",
     "FoldError",
+    "FrozenAffine",
+    "FrozenSpec",
     "GraphFacts",
     "GroupNorm",
     "GroupNormSpec",
@@ -82,9 +109,12 @@ __all__ = [
     "LayerNorm2d",
     "LayerNorm2dSpec",
     "LayerNormSpec",
+    "LayerStep",
+    "NormContext",
     "NormSpec",
     "NormSwapError",
     "Plan",
+    "PlanContext",
     "SourceNorm",
     "SpecError",
     "SwapError",
@@ -107,6 +137,7 @@ __all__ = [
     "fidelity",
     "fold_bn",
     "fold_conv_bn",
+    "get_family",
     "get_spec",
     "is_source_norm",
     "list_families",
@@ -114,15 +145,17 @@ __all__ = [
     "plan",
     "register_family",
     "register_fitter",
-    "register_norm",
+    "register_monitor_family",
+    "register_monitor_rule",
     "register_source",
-    "register_target",
     "resolve_groups",
     "restore",
+    "set_kernel_dispatch",
     "spec_from_dict",
     "standardize_weight",
     "surgery_record",
     "swap",
     "trace",
+    "unregister_family",
     "weight_norm",
 ]

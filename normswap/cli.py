@@ -27,11 +27,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from normswap.errors import NormSwapError
-from normswap.norms import NORM_LAYERS
+from normswap.errors import CLIError, NormSwapError
+from normswap.families import get_family
+from normswap.monitor.families import family_of
+from normswap.record import surgery_record
 from normswap.report import SwapReport
-from normswap.restore import surgery_record
-from normswap.sources import is_source_norm
 from normswap.specs import get_spec, list_norms
 from normswap.surgery import swap
 from normswap.zoo import build_model
@@ -39,19 +39,6 @@ from normswap.zoo import build_model
 __all__ = ["CHECKPOINT_FORMAT", "main", "parse_overrides"]
 
 CHECKPOINT_FORMAT = "normswap.convert/1"
-
-_OTHER_NORMS = (
-    nn.GroupNorm,
-    nn.LayerNorm,
-    nn.RMSNorm,
-    nn.LocalResponseNorm,
-    nn.modules.instancenorm._InstanceNorm,
-    *NORM_LAYERS,
-)
-
-
-class CLIError(NormSwapError):
-    """Bad command-line input."""
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
@@ -86,9 +73,7 @@ def _parse_shape(text: str | None) -> tuple[int, ...] | None:
 
 def _cmd_list(_: argparse.Namespace) -> int:
     for name in list_norms():
-        spec_cls = type(get_spec(name, cond_dim=1) if name == "adaln" else get_spec(name))
-        doc = (spec_cls.__doc__ or "").strip().splitlines()[0]
-        print(f"{name:8s} {doc}")
+        print(f"{name:8s} {get_family(name).summary}")
     return 0
 
 
@@ -158,7 +143,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     norms = [
         (path, m)
         for path, m in model.named_modules()
-        if is_source_norm(m) or isinstance(m, _OTHER_NORMS)
+        if family_of(m) is not None or isinstance(m, nn.LocalResponseNorm)
     ]
     print(f"{args.model}: {len(norms)} norm layer(s)")
     for path, m in norms:
@@ -192,7 +177,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         report = _swap_from_args(model, args, dry_run=False)
         print(report)
     else:
-        from normswap.pretrained import convert_pretrained
+        from normswap.pretrained.convert import convert_pretrained
 
         result = convert_pretrained(
             model,
@@ -303,7 +288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``normswap`` command line; returns the exit code.
 
     Example:
-        >>> main(["inspect", "resnet18", "--to", "gn"])  # doctest: +SKIP
+        >>> main(["list"])
+        adalin ...
         0
     """
     parser = _parser()

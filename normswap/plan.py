@@ -15,16 +15,27 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any
 
+import torch
 from torch import nn
 
-from normswap.errors import NormSwapError, SwapError
-from normswap.norms import NORM_LAYERS
-from normswap.report import SKIP, SwapRecord, SwapReport
+from normswap.errors import NormSwapError, SwapError, UnsupportedModuleError
+from normswap.families import (
+    Decision,
+    LayerStep,
+    NormContext,
+    PlanContext,
+    Target,
+    family_layers,
+    get_family,
+)
+from normswap.families.base import new_requires_grad
+from normswap.graph import graph_facts
+from normswap.graph.rules import parameter_owners
+from normswap.report import FOLD, SKIP, SwapRecord, SwapReport
 from normswap.sources import SourceNorm, describe_source, is_source_norm, source_classes
 from normswap.specs import NormSpec, get_spec
-from normswap.targets import Decision, LayerStep, NormContext, Target, get_target
 
-__all__ = ["NormStep", "Plan", "module_paths", "plan"]
+__all__ = ["NormStep", "Plan", "check_model", "module_paths", "plan"]
 
 
 @dataclass(frozen=True)
@@ -36,13 +47,13 @@ class NormStep:
     source: SourceNorm | None
     decision: Decision
 
-    def record(self) -> SwapRecord:
-        """This step as a report record."""
+    def record(self, spec: NormSpec) -> SwapRecord:
+        """This step as a report record (``frozen``: the new parameters do not train)."""
         d = self.decision
         src = self.source
         frozen = False
-        if src is not None and d.action not in (SKIP,) and d.target != "Identity":
-            frozen = not src.requires_grad
+        if src is not None and d.action != SKIP and d.target != "Identity":
+            frozen = not new_requires_grad(src, spec)
         return SwapRecord(
             path=self.paths[0],
             source=type(self.module).__name__,
@@ -79,7 +90,7 @@ class Plan:
 
     def records(self) -> tuple[SwapRecord, ...]:
         """Report records for every step (norms first, then other layers, each in order)."""
-        out = [s.record() for s in self.norm_steps]
+        out = [s.record(self.spec) for s in self.norm_steps]
         for step in self.layer_steps:
             out.append(
                 SwapRecord(
@@ -111,6 +122,34 @@ def module_paths(model: nn.Module) -> dict[int, tuple[nn.Module, list[str]]]:
     for path, module in model.named_modules(remove_duplicate=False):
         found.setdefault(id(module), (module, []))[1].append(path)
     return found
+
+
+def check_model(model: object) -> None:
+    """Refuse what cannot be converted in place: not a module, or a TorchScript module.
+
+    Raises:
+        UnsupportedModuleError: ``model`` is not an ``nn.Module`` (``None``, a state dict, ...)
+            or is scripted/traced TorchScript, whose submodules cannot be replaced.
+
+    Example:
+        >>> check_model(None)
+        Traceback (most recent call last):
+        ...
+        normswap.errors.UnsupportedModuleError: the model must be a torch.nn.Module, got NoneType...
+    """
+    if isinstance(model, torch.jit.ScriptModule):
+        raise UnsupportedModuleError(
+            f"{type(model).__name__} is a TorchScript module, whose submodules cannot be "
+            "replaced: convert the eager model, then script it "
+            "(normswap.swap(model, ...); torch.jit.script(model))"
+        )
+    if not isinstance(model, nn.Module):
+        hint = (
+            " (a state dict? build the model and load it first)" if isinstance(model, dict) else ""
+        )
+        raise UnsupportedModuleError(
+            f"the model must be a torch.nn.Module, got {type(model).__name__}{hint}"
+        )
 
 
 def _selected(paths: list[str], include: tuple[str, ...] | None, exclude: tuple[str, ...]) -> bool:
@@ -175,8 +214,9 @@ def plan(
         >>> len(p.norm_steps)
         20
     """
+    check_model(model)
     spec = get_spec(spec, **overrides)
-    target = get_target(spec)
+    target = get_family(spec.name).target
     inc = _patterns(include, "include")
     exc = _patterns(exclude, "exclude") or ()
 
@@ -209,12 +249,12 @@ def plan(
     facts = None
     selected = [(m, paths) for m, paths in sources if _selected(paths, inc, exc)]
     if example_inputs is not None or (selected and target.needs_graph(spec)):
-        from normswap.trace import graph_facts  # only where graph knowledge is needed
-
         try:
             facts = graph_facts(model, example_inputs, norm_types=source_classes())
         except NormSwapError as err:
             problems.append(("<trace>", str(err)))
+    owners = parameter_owners(model)
+    folded_into: dict[str, str] = {}
 
     norm_steps: list[NormStep] = []
     norm_paths: list[str] = []
@@ -236,21 +276,35 @@ def plan(
             spatial = min((math.prod(shape[2:]) for shape in seen.input_shapes), default=None)
         elif src.ranks is not None and len(src.ranks) == 1:
             rank = src.ranks[0]
-        decision = target.decide(src, spec, NormContext(paths[0], rank, facts, spatial))
+        ctx = NormContext(paths[0], rank, facts, spatial, model=model, owners=owners)
+        decision = target.decide(src, spec, ctx)
         if decision.problem:
             problems.append((paths[0], decision.problem))
             continue
+        if decision.action == FOLD and decision.into is not None:
+            if decision.into in folded_into:
+                problems.append(
+                    (
+                        paths[0],
+                        f"cannot fold into {decision.into}: {folded_into[decision.into]} is "
+                        "folded into it already; exclude one of them",
+                    )
+                )
+                continue
+            folded_into[decision.into] = paths[0]
         norm_steps.append(NormStep(module, tuple(paths), src, decision))
 
     # Layers inside norms (an AdaLN's modulation MLP) are part of the norm, not candidates.
-    norm_paths += [p for m, paths in all_modules if isinstance(m, NORM_LAYERS) for p in paths]
+    converted = family_layers()
+    norm_paths += [p for m, paths in all_modules if isinstance(m, converted) for p in paths]
     inside = set(norm_paths)
     candidates = [
         (m, tuple(paths))
         for m, paths in all_modules
         if paths[0] and _selected(paths, inc, exc) and not _inside(paths[0], inside)
     ]
-    layer_steps = target.plan_layers(candidates, spec)
+    decisions = {s.paths[0]: (s.source, s.decision) for s in norm_steps if s.source is not None}
+    layer_steps = target.plan_layers(candidates, spec, PlanContext(model, owners, decisions))
 
     if strict:
         for step in norm_steps:

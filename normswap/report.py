@@ -85,10 +85,10 @@ class SwapReport(Sequence[SwapRecord]):
         notes: model-level remarks, e.g. that the model holds no BatchNorm.
 
     Example:
-        >>> import torchvision, normswap
-        >>> report = normswap.swap(torchvision.models.resnet18(), "gn")  # doctest: +SKIP
-        >>> report.counts()  # doctest: +SKIP
-        {'BatchNorm2d -> GroupNorm': 20}
+        >>> import torchvision
+        >>> report = normswap.swap(torchvision.models.resnet18(), "gn")
+        >>> report.counts(), report[0].path, report[0].groups
+        ({'BatchNorm2d -> GroupNorm': 20}, 'bn1', 32)
     """
 
     records: tuple[SwapRecord, ...]

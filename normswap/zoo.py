@@ -10,14 +10,10 @@ import torch
 import torchvision
 from torch import nn
 
-from normswap.errors import NormSwapError
+from normswap.errors import ModelError
 from normswap.meta import init_on_meta
 
 __all__ = ["ModelError", "build_model", "replace_head"]
-
-
-class ModelError(NormSwapError):
-    """Unknown model, unknown weights, or weights that cannot be found offline."""
 
 
 def build_model(

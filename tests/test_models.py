@@ -12,14 +12,14 @@ from __future__ import annotations
 import pytest
 import torch
 import tv_models
+from families_matrix import FAMILIES, cond_dim, options
 from helpers import assert_all_grads, assert_others_identical, snapshot, sum_outputs
 from torch import nn
 
 import normswap
 
-TARGETS = ["gn", "ln", "ln2d", "in", "adalin", "adaln", "wn", "ws_gn"]
-COND_DIM = 4
-META_KW = {"adaln": {"cond_dim": COND_DIM}, "wn": {"bn": "remove"}}
+TARGETS = FAMILIES
+META_KW = {name: options(name, traced=False) for name in FAMILIES}
 
 REPRESENTATIVE = [
     "resnet18",
@@ -69,8 +69,9 @@ def test_structure_every_model_every_target(name: str, target: str) -> None:
 def _forward_backward(model: nn.Module, name: str, target: str) -> None:
     model.train()
     args, kwargs = tv_models.example(name, train=True)
-    if target == "adaln":
-        cond = torch.randn(tv_models.batch_size(name), COND_DIM)
+    dim = cond_dim(target)
+    if dim:
+        cond = torch.randn(tv_models.batch_size(name), dim)
         with normswap.condition(model, cond):
             out = model(*args, **kwargs)
     else:
@@ -107,7 +108,7 @@ def _swap_for_training(model: nn.Module, name: str, target: str) -> normswap.Swa
         return normswap.swap(
             model, "wn", bn="fold", unfoldable="remove", example_inputs=tv_models.trace_inputs(name)
         )
-    kwargs = {"cond_dim": COND_DIM} if target == "adaln" else {}
+    kwargs = options(target)
     inputs = tv_models.trace_inputs(name, train=True)
     try:
         return normswap.swap(model, target, example_inputs=inputs, **kwargs)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
 import torch
 import torchvision
+from families_matrix import FAMILIES, cond_dim, options
 from helpers import assert_all_grads, assert_others_identical, assert_untouched, snapshot
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
@@ -15,8 +17,8 @@ import normswap
 from normswap import SpecError, SwapError
 from normswap.meta import init_on_meta
 
-TARGETS = ["gn", "ln", "ln2d", "in", "adalin", "adaln", "wn", "ws_gn"]
-KW = {"adaln": {"cond_dim": 4}, "wn": {"bn": "remove"}}
+TARGETS = FAMILIES
+KW = {name: options(name, traced=False) for name in FAMILIES}
 
 
 def _is_bn(m: nn.Module) -> bool:
@@ -49,8 +51,9 @@ def _randomize_bn(model: nn.Module) -> None:
                     m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
 
 
-def _condition(model: nn.Module, n: int, cond_dim: int = 4):
-    return normswap.condition(model, torch.randn(n, cond_dim))
+def _condition(model: nn.Module, n: int, target: str = "adaln"):
+    dim = cond_dim(target, **KW.get(target, {}))
+    return normswap.condition(model, torch.randn(n, dim)) if dim else contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------- every target
@@ -74,10 +77,7 @@ def test_every_target_converts_trains_and_keeps_the_rest(target: str) -> None:
         torch.testing.assert_close(model[0].weight, before["0.weight"])
     assert {r.path for r in report.converted} >= {"1", "4"}
     x = torch.randn(2, 3, 8, 8)
-    if target == "adaln":
-        with _condition(model, 2):
-            out = model(x)
-    else:
+    with _condition(model, 2, target):
         out = model(x)
     out.square().sum().backward()
     assert_all_grads(model)
@@ -297,7 +297,7 @@ def test_root_norm_refused() -> None:
 
 def test_spec_errors() -> None:
     model = _conv_net()
-    with pytest.raises(SpecError, match="choose one of: adalin, adaln, gn"):
+    with pytest.raises(SpecError, match="choose one of: adalin, adaln, frozen, gn"):
         normswap.swap(model, "batchnorm")
     with pytest.raises(SpecError, match=r"valid fields: .*num_groups"):
         normswap.swap(model, "gn", groups=4)
@@ -341,7 +341,8 @@ def test_second_swap() -> None:
     assert "no BatchNorm" in str(report)
     normswap.swap(model, "wn", bn="remove")
     report = normswap.swap(model, "wn", bn="remove")
-    assert {r.reason for r in report} == {"weight already parametrized"}
+    assert all("weight already has a parametrization (_WeightNorm)" in r.reason for r in report)
+    assert {r.action for r in report} == {"skip"}
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])

@@ -104,8 +104,9 @@ class FashionMNISTData(ImageData):
         test_size: use only this many of the 10,000 test images; ``None``: all.
 
     Example:
-        >>> dm = FashionMNISTData(train_size=256, val_size=64, test_size=64)  # doctest: +SKIP
-        >>> dm.prepare(); next(iter(dm.train_dataloader()))[0].shape  # doctest: +SKIP
+        >>> dm = FashionMNISTData(train_size=256, val_size=64, test_size=64)
+        >>> dm.prepare()
+        >>> next(iter(dm.train_dataloader()))[0].shape
         torch.Size([32, 1, 28, 28])
     """
 

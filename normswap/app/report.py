@@ -66,7 +66,7 @@ def markdown_table(runs: list[dict[str, Any]]) -> str:
 
     Example:
         >>> print(markdown_table([{"model": "resnet18", "norm": "gn", "score": 0.9,
-        ...                        "score_name": "val_acc"}]))  # doctest: +ELLIPSIS
+        ...                        "score_name": "val_acc"}]))
         | rank | model | norm | ...
     """
     score = runs[0].get("score_name", "val_acc")

@@ -36,7 +36,8 @@ class RunLog(Callback):
         score: the validation metric that ranks runs (``val_acc``, or ``val_psnr``).
 
     Example:
-        >>> RunLog("outputs/run", {"model": "resnet18", "norm": "gn"})  # doctest: +SKIP
+        >>> RunLog("outputs/run", {"model": "resnet18", "norm": "gn"}).score
+        'val_acc'
     """
 
     def __init__(self, out_dir: str | Path, info: dict[str, Any], score: str = "val_acc") -> None:

@@ -104,7 +104,10 @@ class ClassificationTask(_Task):
     no condition to give it); see :class:`DenoiseTask` for a real one.
 
     Example:
-        >>> task = ClassificationTask(torchvision.models.resnet18(num_classes=10))  # doctest: +SKIP
+        >>> import torchvision
+        >>> task = ClassificationTask(torchvision.models.resnet18(num_classes=10))
+        >>> task(torch.zeros(2, 3, 32, 32)).shape
+        torch.Size([2, 10])
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -145,7 +148,11 @@ class DenoiseTask(_Task):
     better; the app reports ``val_psnr`` as its score).
 
     Example:
-        >>> task = DenoiseTask(segmenter, conditional=True)  # doctest: +SKIP
+        >>> from normswap.app.models import build_segmenter
+        >>> net = build_segmenter("lraspp_mobilenet_v3_large", 10, 1)
+        >>> task = DenoiseTask(net, conditional=True)
+        >>> task.conditional
+        True
     """
 
     def __init__(

@@ -18,18 +18,11 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from normswap import metrics
 from normswap.errors import NormSwapError
-from normswap.metrics import (
-    HISTORY_COLUMNS,
-    STATS,
-    NormHistory,
-    NormLayer,
-    NormStatsCollector,
-    family_summary,
-    list_families,
-    unpack,
-)
+from normswap.monitor.collector import LayerTable, NormStatsCollector, family_summary, unpack
+from normswap.monitor.families import NormLayer, find_norm_layers, list_families
+from normswap.monitor.history import NormHistory
+from normswap.monitor.stats import HISTORY_COLUMNS, STATS
 
 __all__ = ["NormMonitor"]
 
@@ -72,8 +65,8 @@ class NormMonitor(Callback):
     rank zero, to every logger of the Trainer. With gradient accumulation, the statistics of the
     accumulated batches are averaged.
 
-    **Logged keys**, ``<stat>`` being one of :data:`normswap.metrics.STATS` (definitions in
-    :mod:`normswap.metrics`):
+    **Logged keys**, ``<stat>`` being one of :data:`normswap.monitor.stats.STATS` (definitions in
+    :mod:`normswap.monitor.stats`):
 
     * ``NormMonitor/<family>/<stat>``: the mean over the family's layers of the per-layer
       values (each layer counts once);
@@ -99,9 +92,10 @@ class NormMonitor(Callback):
     =========== ==============================================================================
 
     Families: ``bn gn ln ln2d in adalin adaln wn rms`` and any added with
-    :func:`normswap.metrics.register_family`. For example, a model with BatchNorms and one
-    weight-normalized conv logs exactly ``NormMonitor/bn/{in_mean, in_std, bn_mean_gap,
-    bn_var_gap, out_mean, out_std, gamma_mean, gamma_std, beta_mean, beta_std, grad_norm}``
+    :func:`normswap.register_monitor_family` (norm families register theirs). For example, a
+    model with BatchNorms and one weight-normalized conv logs exactly ``NormMonitor/bn/{in_mean,
+    in_std, bn_mean_gap, bn_var_gap, out_mean, out_std, gamma_mean, gamma_std, beta_mean,
+    beta_std, grad_norm}``
     and ``NormMonitor/wn/{in_mean, in_std, out_mean, out_std, g_mean, v_norm, grad_norm}``.
     Values are logged with ``step`` = the ``global_step`` of the batch they describe (the
     step Lightning gives ``self.log`` calls of that batch).
@@ -251,7 +245,7 @@ class NormMonitor(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After every setup(), configure_model and the checkpoint restore: the model is final
         # (a NormSwap callback has already converted it).
-        self._layers = metrics.find_norm_layers(pl_module, self.families)
+        self._layers = find_norm_layers(pl_module, self.families)
         self._collect_step = None
         if not self._layers:
             self._collector = None
@@ -374,7 +368,7 @@ class NormMonitor(Callback):
         self._history.order = list(self._collector.order)
         self.log_metrics(trainer, self._format(table), step)
 
-    def _format(self, table: metrics.LayerTable) -> dict[str, float]:
+    def _format(self, table: LayerTable) -> dict[str, float]:
         families = [layer.family for layer in self._layers]
         out: dict[str, float] = {}
         for family, (values, present) in family_summary(table, families).items():

@@ -14,30 +14,28 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
+from normswap.distributed import broadcast_module
 from normswap.errors import NormSwapError
+from normswap.inputs import BatchToInput, default_batch_to_input
+from normswap.record import RECORD_FORMAT, surgery_record, swap_for_training
 from normswap.report import SwapReport
-from normswap.restore import RECORD_FORMAT, surgery_record, swap_for_training
 from normswap.specs import NormSpec, get_spec
 
 __all__ = ["CalibrateFn", "NormSwap"]
 
-#: ``calibrate(model, reference, batches)``: re-fit the converted ``model`` so it behaves like
-#: ``reference`` (the model before the swap) on ``batches`` (model inputs, on the device).
-CalibrateFn = Callable[[nn.Module, nn.Module, list[Any]], Any]
+#: ``calibrate(model, reference, batches, *, batch_to_input)``: re-fit the converted ``model``
+#: so it behaves like ``reference`` (the model before the swap) on ``batches`` (training batches,
+#: on the device), each made model inputs by ``batch_to_input`` (:mod:`normswap.inputs`).
+#: :func:`normswap.calibrate` and :func:`normswap.distill` take exactly these arguments.
+CalibrateFn = Callable[..., Any]
 
 _APPLIED = "_normswap_record"  # attribute set on a module once it has been swapped
-
-
-def _first_item(batch: Any) -> Any:
-    """The model input of a ``(x, y)``-style batch (the batch itself otherwise)."""
-    return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
 def _patterns(value: str | Iterable[str] | None, name: str) -> tuple[str, ...] | None:
@@ -75,20 +73,24 @@ class NormSwap(Callback):
         exclude: glob pattern(s) of module paths to leave alone.
         calibrate: ``True`` runs :func:`normswap.calibrate` (closed-form re-fit of the
             converted layers to the pretrained BatchNorms' outputs), or any
-            ``calibrate(model, reference, batches)`` function, e.g.
+            ``calibrate(model, reference, batches, *, batch_to_input)`` function, e.g.
             ``functools.partial(normswap.distill, steps=200)``; it runs at the start of
             training on ``calibrate_batches`` training batches (``reference`` is a copy of the
             module before the swap), on every rank, and rank zero's result is broadcast.
         calibrate_batches: how many training batches calibration sees.
-        batch_to_input: maps a training batch to the model input for calibration
-            (default: the first element of a tuple/list batch).
+        batch_to_input: maps a training batch to the model inputs, for calibration (passed to
+            it) and tracing (default: the first element of a tuple/list batch; see
+            :mod:`normswap.inputs`).
         example_inputs: inputs for one traced forward pass of the LightningModule (needed
             for models torch.fx cannot trace when folding, and to check input ranks).
         strict: fail if any BatchNorm-family module would remain.
         **overrides: spec field overrides, e.g. ``num_groups=16``.
 
     Example:
-        >>> trainer = pl.Trainer(callbacks=[NormSwap("gn", num_groups=16)])  # doctest: +SKIP
+        >>> swap = NormSwap("gn", num_groups=16, exclude="model.fc")
+        >>> swap.spec.num_groups, swap.state_key
+        (16, "NormSwap{'spec': 'gn'}")
+        >>> trainer = pl.Trainer(callbacks=[swap], logger=False)
         >>> trainer.fit(lit_module)  # doctest: +SKIP
     """
 
@@ -99,7 +101,7 @@ class NormSwap(Callback):
         exclude: str | Iterable[str] | None = None,
         calibrate: CalibrateFn | bool | None = None,
         calibrate_batches: int = 4,
-        batch_to_input: Callable[[Any], Any] = _first_item,
+        batch_to_input: BatchToInput = default_batch_to_input,
         example_inputs: Any = None,
         strict: bool = False,
         **overrides: Any,
@@ -109,7 +111,7 @@ class NormSwap(Callback):
         self.include = _patterns(include, "include")
         self.exclude = _patterns(exclude, "exclude")
         if calibrate is True:
-            from normswap.calibrate import calibrate as calibrate_fn
+            from normswap.pretrained.calibrate import calibrate as calibrate_fn
 
             calibrate = calibrate_fn
         elif calibrate is False:
@@ -117,7 +119,7 @@ class NormSwap(Callback):
         if calibrate is not None and not callable(calibrate):
             raise NormSwapError(
                 "NormSwap(calibrate=...) takes True (normswap.calibrate) or a function "
-                "calibrate(model, reference, batches), "
+                "calibrate(model, reference, batches, *, batch_to_input), "
                 f"got {type(calibrate).__name__}"
             )
         if isinstance(calibrate_batches, bool) or not isinstance(calibrate_batches, int):
@@ -171,9 +173,11 @@ class NormSwap(Callback):
         """Swap ``pl_module`` in place; override to customize (e.g. convert a submodule).
 
         Example:
-            >>> class MySwap(NormSwap):  # doctest: +SKIP
+            >>> class BackboneSwap(NormSwap):
             ...     def convert(self, pl_module):
             ...         return normswap.swap(pl_module.backbone, self.spec)
+            >>> BackboneSwap("ln").spec.name
+            'ln'
         """
         return swap_for_training(
             pl_module,
@@ -210,14 +214,13 @@ class NormSwap(Callback):
         reference = self._reference.to(pl_module.device).eval()
         batches = []
         for batch in trainer.train_dataloader:
-            batch = trainer.strategy.batch_to_device(batch)
-            batches.append(self.batch_to_input(batch))
+            batches.append(trainer.strategy.batch_to_device(batch))
             if len(batches) == self.calibrate_batches:
                 break
         if not batches:
             raise NormSwapError("NormSwap(calibrate=...): the training dataloader is empty")
-        self.calibrate(pl_module, reference, batches)
-        _broadcast_from_rank_zero(pl_module)
+        self.calibrate(pl_module, reference, batches, batch_to_input=self.batch_to_input)
+        broadcast_module(pl_module)
         self._calibrated = True
         self._reference = None  # free the copy
 
@@ -268,12 +271,3 @@ def _detached_copy(module: nn.Module) -> nn.Module:
     finally:
         if trainer is not None:
             module._trainer = trainer
-
-
-def _broadcast_from_rank_zero(module: nn.Module) -> None:
-    """Give every rank rank zero's parameters and buffers (no-op in one process)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return
-    with torch.no_grad():
-        for tensor in [*module.parameters(), *module.buffers()]:
-            torch.distributed.broadcast(tensor.data, src=0)

@@ -18,15 +18,15 @@ import torch
 from torch import Tensor, nn
 
 from normswap.errors import ConditionError, NormSwapError, SpecError
-from normswap.norms.group import (
-    _group_norm,
-    _is_positive_int,
-    _keep_memory_format,
-    _refuse_input,
-    _spatial_numel,
-    _where,
+from normswap.norms.common import (
+    ChannelAffineNorm,
+    is_positive_int,
+    keep_memory_format,
+    refuse_input,
+    spatial_numel,
+    where,
 )
-from normswap.norms.layer import _ChannelAffineNorm
+from normswap.norms.dispatch import group_norm
 
 __all__ = ["AdaLIN", "AdaLN", "condition"]
 
@@ -37,7 +37,7 @@ def _channel_view(t: Tensor, x: Tensor) -> Tensor:
     return t.view(*lead, *([1] * (x.dim() - 2)))
 
 
-class AdaLIN(_ChannelAffineNorm):
+class AdaLIN(ChannelAffineNorm):
     """U-GAT-IT's adaptive layer-instance norm with a learnable per-channel mix ``rho``.
 
     ``y = weight * (rho * IN(x) + (1 - rho) * LN(x)) + bias`` where ``IN`` normalizes over the
@@ -106,15 +106,15 @@ class AdaLIN(_ChannelAffineNorm):
             torch.Size([2, 4, 5])
         """
         if x.dim() < 3 or x.shape[1] != self.num_channels:
-            _refuse_input(self, x, self.num_channels, min_dim=3)
-        if _spatial_numel(x) == 1:
+            refuse_input(self, x, self.num_channels, min_dim=3)
+        if spatial_numel(x) == 1:
             raise NormSwapError(
-                f"{_where(self)}: AdaLIN got input of shape {tuple(x.shape)} with a single "
+                f"{where(self)}: AdaLIN got input of shape {tuple(x.shape)} with a single "
                 f"spatial element per channel, so its instance statistics are undefined; use "
                 f"LayerNorm or GroupNorm here"
             )
-        inst = _group_norm(x, self.num_channels, None, None, self.eps)
-        layer = _group_norm(x, 1, None, None, self.eps)
+        inst = group_norm(x, self.num_channels, None, None, self.eps)
+        layer = group_norm(x, 1, None, None, self.eps)
         # lerp(ln, in, rho) = rho * in + (1 - rho) * ln
         # Parameters follow the activation's dtype (under autocast group_norm returns bf16/fp16
         # while the parameters stay float32; lerp/addcmul need one dtype).
@@ -127,7 +127,7 @@ class AdaLIN(_ChannelAffineNorm):
             if cast:
                 weight, bias = weight.to(out.dtype), bias.to(out.dtype)
             out = torch.addcmul(bias, out, weight)
-        return out if x.is_contiguous() else _keep_memory_format(out, x)
+        return out if x.is_contiguous() else keep_memory_format(out, x)
 
     def extra_repr(self) -> str:
         """Describe the layer: channels, eps, rho_init and affine."""
@@ -136,7 +136,7 @@ class AdaLIN(_ChannelAffineNorm):
         )
 
 
-class AdaLN(_ChannelAffineNorm):
+class AdaLN(ChannelAffineNorm):
     """Conditional LayerNorm, DiT adaLN-Zero style, modulated by a condition ``c``.
 
     ``h = LayerNorm(x)`` over ``(C, *S)`` per sample with a per-channel affine (so a converted
@@ -181,9 +181,9 @@ class AdaLN(_ChannelAffineNorm):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(num_channels, eps=eps, affine=affine, device=device, dtype=dtype)
-        if not _is_positive_int(cond_dim):
+        if not is_positive_int(cond_dim):
             raise SpecError(f"AdaLN: cond_dim must be a positive int, got {cond_dim!r}")
-        if hidden_dim is not None and not _is_positive_int(hidden_dim):
+        if hidden_dim is not None and not is_positive_int(hidden_dim):
             raise SpecError(f"AdaLN: hidden_dim must be a positive int or None, got {hidden_dim!r}")
         self.cond_dim = cond_dim
         self.hidden_dim = hidden_dim
@@ -221,7 +221,7 @@ class AdaLN(_ChannelAffineNorm):
         c = self.condition
         if c is None:
             raise ConditionError(
-                f"AdaLN at {_where(self)} has no condition: call the model inside "
+                f"AdaLN at {where(self)} has no condition: call the model inside "
                 f"`with normswap.condition(model, c):`"
             )
         batch = x.shape[0]
@@ -229,7 +229,7 @@ class AdaLN(_ChannelAffineNorm):
             c = c.unsqueeze(0)
         if c.dim() != 2 or c.shape[1] != self.cond_dim or c.shape[0] not in (1, batch):
             raise ConditionError(
-                f"AdaLN at {_where(self)}: condition of shape {tuple(self.condition.shape)} "
+                f"AdaLN at {where(self)}: condition of shape {tuple(self.condition.shape)} "
                 f"does not fit input of shape {tuple(x.shape)}; expected "
                 f"({batch}, {self.cond_dim}) or ({self.cond_dim},)"
             )
@@ -255,20 +255,20 @@ class AdaLN(_ChannelAffineNorm):
             torch.Size([2, 4, 5])
         """
         if x.dim() < 2 or x.shape[1] != self.num_channels:
-            _refuse_input(self, x, self.num_channels, min_dim=2)
+            refuse_input(self, x, self.num_channels, min_dim=2)
         c = self._checked_condition(x)
-        if self.num_channels == 1 and _spatial_numel(x) == 1:
+        if self.num_channels == 1 and spatial_numel(x) == 1:
             raise NormSwapError(
-                f"{_where(self)}: AdaLN sees 1 element per sample for input of shape "
+                f"{where(self)}: AdaLN sees 1 element per sample for input of shape "
                 f"{tuple(x.shape)}, so its normalized output would be the constant bias"
             )
-        h = _group_norm(x, 1, self.weight, self.bias, self.eps)
+        h = group_norm(x, 1, self.weight, self.bias, self.eps)
         params = self.modulation(c).chunk(self.chunks, dim=1)
         shift, scale = _channel_view(params[0], x), _channel_view(params[1], x)
         out = torch.addcmul(shift, h, 1 + scale)
         if self.gate:
             out = out * (1 + _channel_view(params[2], x))
-        return out if x.is_contiguous() else _keep_memory_format(out, x)
+        return out if x.is_contiguous() else keep_memory_format(out, x)
 
     def extra_repr(self) -> str:
         """Describe the layer: channels, condition size, MLP width, gate, eps and affine."""
@@ -310,7 +310,7 @@ def condition(model: nn.Module, c: Tensor) -> Iterator[None]:
     for layer in layers:
         if c.dim() not in (1, 2) or c.shape[-1] != layer.cond_dim:
             raise ConditionError(
-                f"AdaLN at {_where(layer)} expects a condition of shape (N, {layer.cond_dim}) "
+                f"AdaLN at {where(layer)} expects a condition of shape (N, {layer.cond_dim}) "
                 f"or ({layer.cond_dim},), got {tuple(c.shape)}"
             )
     previous = [layer.condition for layer in layers]

@@ -7,20 +7,20 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from normswap.errors import NormSwapError, SpecError
-from normswap.norms.group import (
-    _group_norm,
-    _keep_memory_format,
-    _memory_format,
-    _refuse_input,
-    _spatial_numel,
-    _where,
+from normswap.norms.common import (
+    ChannelAffineNorm,
+    keep_memory_format,
+    memory_format,
+    refuse_input,
+    spatial_numel,
+    where,
 )
-from normswap.norms.layer import _ChannelAffineNorm
+from normswap.norms.dispatch import group_norm
 
 __all__ = ["InstanceNorm"]
 
 
-class InstanceNorm(_ChannelAffineNorm):
+class InstanceNorm(ChannelAffineNorm):
     """InstanceNorm over the spatial dims ``S`` per sample and channel, any spatial rank >= 1.
 
     Without running statistics this is ``GroupNorm(C, C)`` and runs that fused kernel
@@ -120,17 +120,17 @@ class InstanceNorm(_ChannelAffineNorm):
             torch.Size([2, 4, 5])
         """
         if x.dim() < 3 or x.shape[1] != self.num_channels:
-            _refuse_input(self, x, self.num_channels, min_dim=3)
+            refuse_input(self, x, self.num_channels, min_dim=3)
         use_input_stats = self.training or not self.track_running_stats
-        if use_input_stats and _spatial_numel(x) == 1:
+        if use_input_stats and spatial_numel(x) == 1:
             raise NormSwapError(
-                f"{_where(self)}: InstanceNorm got input of shape {tuple(x.shape)} with a single "
+                f"{where(self)}: InstanceNorm got input of shape {tuple(x.shape)} with a single "
                 f"spatial element per channel, so its output would be the constant bias; use a "
                 f"norm whose statistics span channels or the batch (LayerNorm, GroupNorm, "
                 f"BatchNorm) here"
             )
         if not self.track_running_stats:
-            return _group_norm(x, self.num_channels, self.weight, self.bias, self.eps)
+            return group_norm(x, self.num_channels, self.weight, self.bias, self.eps)
         if not self.training:
             # Running statistics shared by every instance: exactly eval-mode batch norm, one
             # fused kernel that keeps the layout (F.instance_norm would repeat them N times).
@@ -153,8 +153,8 @@ class InstanceNorm(_ChannelAffineNorm):
         if out._is_view() and out.requires_grad:
             # F.instance_norm returns a view of its batch-norm output; an in-place op after this
             # layer (ReLU(inplace=True)) on a view is replayed through copies in backward.
-            return out.clone(memory_format=_memory_format(x))
-        return _keep_memory_format(out, x)
+            return out.clone(memory_format=memory_format(x))
+        return keep_memory_format(out, x)
 
     def extra_repr(self) -> str:
         """Describe the layer: channels, eps, momentum, affine and running statistics."""

@@ -10,82 +10,25 @@ Both take the channel count first (drop-in for ``BatchNorm(num_features)``).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from normswap.errors import NormSwapError, SpecError
-from normswap.norms.group import (
-    _CHANNELS_LAST,
-    _group_norm,
-    _is_positive_int,
-    _memory_format,
-    _refuse_input,
-    _spatial_numel,
-    _where,
+from normswap.errors import NormSwapError
+from normswap.norms.common import (
+    CHANNELS_LAST,
+    ChannelAffineNorm,
+    memory_format,
+    refuse_input,
+    spatial_numel,
+    where,
 )
+from normswap.norms.dispatch import group_norm
 
 __all__ = ["LayerNorm", "LayerNorm2d"]
 
 
-class _ChannelAffineNorm(nn.Module):
-    """Base of the norms with a per-channel affine ``weight``/``bias`` of shape ``(C,)``.
-
-    Holds ``num_channels``, ``eps``, ``affine``, ``weight`` and ``bias`` (``None`` when
-    ``affine=False``) with the same names and initialization as BatchNorm, so a converter can copy
-    a BatchNorm's ``weight``/``bias`` across unchanged.
-    """
-
-    #: Module path set by the surgery so that forward-time errors can name the layer.
-    normswap_path: str = ""
-
-    def __init__(
-        self,
-        num_channels: int,
-        eps: float = 1e-5,
-        affine: bool = True,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__()
-        if not _is_positive_int(num_channels):
-            raise SpecError(
-                f"{type(self).__name__}: num_channels must be a positive int, got {num_channels!r}"
-            )
-        if isinstance(eps, bool) or not isinstance(eps, int | float) or not eps >= 0:
-            raise SpecError(f"{type(self).__name__}: eps must be a float >= 0, got {eps!r}")
-        if not math.isfinite(eps):
-            raise SpecError(f"{type(self).__name__}: eps must be finite, got {eps!r}")
-        self.num_channels = num_channels
-        self.eps = float(eps)
-        self.affine = bool(affine)
-        self.weight: nn.Parameter | None
-        self.bias: nn.Parameter | None
-        if self.affine:
-            self.weight = nn.Parameter(torch.empty(num_channels, device=device, dtype=dtype))
-            self.bias = nn.Parameter(torch.empty(num_channels, device=device, dtype=dtype))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        self._reset_affine()
-
-    def _reset_affine(self) -> None:
-        if self.weight is not None and self.bias is not None:
-            nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
-
-    def reset_parameters(self) -> None:
-        """Reset ``weight`` to ones and ``bias`` to zeros (as BatchNorm does)."""
-        self._reset_affine()
-
-    def extra_repr(self) -> str:
-        """Describe the layer: channels, eps and affine."""
-        return f"{self.num_channels}, eps={self.eps}, affine={self.affine}"
-
-
-class LayerNorm(_ChannelAffineNorm):
+class LayerNorm(ChannelAffineNorm):
     """LayerNorm over ``(C, *S)`` per sample with a per-channel affine (the GN paper's LN).
 
     ``y = (x - mean) / sqrt(var + eps) * weight[c] + bias[c]`` with mean and (biased) variance
@@ -123,17 +66,17 @@ class LayerNorm(_ChannelAffineNorm):
             torch.Size([3, 4])
         """
         if x.dim() < 2 or x.shape[1] != self.num_channels:
-            _refuse_input(self, x, self.num_channels, min_dim=2)
-        if self.num_channels == 1 and _spatial_numel(x) == 1:
+            refuse_input(self, x, self.num_channels, min_dim=2)
+        if self.num_channels == 1 and spatial_numel(x) == 1:
             raise NormSwapError(
-                f"{_where(self)}: LayerNorm sees 1 element per sample for input of shape "
+                f"{where(self)}: LayerNorm sees 1 element per sample for input of shape "
                 f"{tuple(x.shape)}, so its output would be the constant bias; it needs more "
                 f"than one channel or position"
             )
-        return _group_norm(x, 1, self.weight, self.bias, self.eps)
+        return group_norm(x, 1, self.weight, self.bias, self.eps)
 
 
-class LayerNorm2d(_ChannelAffineNorm):
+class LayerNorm2d(ChannelAffineNorm):
     """Channels-only LayerNorm per sample and position (ConvNeXt style), any rank >= 2.
 
     ``y[n, :, *s] = layer_norm(x[n, :, *s]) * weight + bias``. For ``(N, C)`` input it is plain
@@ -141,11 +84,9 @@ class LayerNorm2d(_ChannelAffineNorm):
     ``x.movedim(1, -1)``, moved back, with the implementation chosen by the input's layout: for
     channels_last input moving C last is a free view, and only the output is copied once (under
     autograd, so that it is not a view; see ``forward``); contiguous 4-d/5-d
-    input is first copied to channels_last by the dedicated kernel (1.1-1.25x faster
-    forward+backward than letting ``F.layer_norm`` copy the permuted view), and the output is
-    copied back. Both beat a ``var_mean``-over-dim-1 composition (benchmarked on CPU, see the
-    module docs of :mod:`normswap.norms` and ``benchmarks/layer_overhead.py``). The output is
-    returned in the input's memory format.
+    input is first copied to channels_last by the dedicated kernel, and the output is copied
+    back. The output is returned in the input's memory format. Why this implementation:
+    ``benchmarks/NOTES.md`` ("LayerNorm2d").
 
     Args:
         num_channels: number of channels ``C``.
@@ -177,18 +118,18 @@ class LayerNorm2d(_ChannelAffineNorm):
             torch.Size([2, 4, 5])
         """
         if x.dim() < 2 or x.shape[1] != self.num_channels:
-            _refuse_input(self, x, self.num_channels, min_dim=2)
+            refuse_input(self, x, self.num_channels, min_dim=2)
         if self.num_channels == 1:
             raise NormSwapError(
-                f"{_where(self)}: LayerNorm2d over 1 channel normalizes a single element per "
+                f"{where(self)}: LayerNorm2d over 1 channel normalizes a single element per "
                 f"position (input shape {tuple(x.shape)}), so its output would be the constant "
                 f"bias; use LayerNorm (statistics over channels and positions) instead"
             )
         shape = (self.num_channels,)
         if x.dim() == 2:
             return F.layer_norm(x, shape, self.weight, self.bias, self.eps)
-        fmt = _memory_format(x)
-        channels_last = _CHANNELS_LAST.get(x.dim())
+        fmt = memory_format(x)
+        channels_last = CHANNELS_LAST.get(x.dim())
         if fmt == torch.contiguous_format and channels_last is not None:
             # One dedicated NCHW -> NHWC copy, then the same path as channels_last input.
             inner = x.contiguous(memory_format=channels_last)
@@ -199,7 +140,6 @@ class LayerNorm2d(_ChannelAffineNorm):
         if fmt is torch.contiguous_format or not moved.requires_grad:
             return moved.contiguous(memory_format=fmt)  # a copy, or a view with no autograd
         # channels_last under autograd: ``moved`` is a view of ``out``, and an in-place op after
-        # this layer (resnet's ReLU(inplace=True)) would make autograd replay it through
-        # as_strided copies and a strided ReLU backward (resnet50, 224 px: 1.32-1.43x BN's step
-        # instead of 1.1x). A fresh tensor costs one copy forward and none backward.
+        # this layer (resnet's ReLU(inplace=True)) would make autograd replay it through copies
+        # (benchmarks/NOTES.md). A fresh tensor costs one copy forward and none backward.
         return moved.clone(memory_format=fmt)

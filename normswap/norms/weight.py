@@ -15,14 +15,16 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _WeightNorm as _TorchWeightNorm
 
-from normswap.errors import NormSwapError, SpecError, UnsupportedModuleError
-from normswap.norms.group import _memory_format
+from normswap.errors import SpecError, UnsupportedModuleError
+from normswap.norms.common import memory_format
 
 __all__ = [
+    "Reparam",
     "WeightKind",
     "WeightStandardization",
     "is_weight_parametrized",
     "output_channel_dim",
+    "reparam_problem",
     "standardize_weight",
     "weight_norm",
 ]
@@ -39,9 +41,8 @@ class WeightStandardization(nn.Module):
     along ``dim`` (the output channel: 0 for Conv/Linear, 1 for ConvTranspose), computed by one
     fused batch-norm kernel over the weight viewed as ``(before, C, after)`` in memory order, so
     nothing is copied and the result keeps the weight's memory format (a channels_last conv
-    weight stays channels_last). This is timm's ``StdConv2d`` formulation: its one kernel
-    forward and one backward were 1.2-1.7x faster per conv forward+backward than a ``var_mean``
-    composition at the small maps of late CNN stages (``benchmarks/layer_overhead.py``).
+    weight stays channels_last). This is timm's ``StdConv2d`` formulation (why:
+    ``benchmarks/NOTES.md``, "Weight standardization").
 
     On ``eps``: the WS paper's code adds 1e-5 to the (unbiased) std, timm's ``StdConv2d`` uses
     1e-6 and its BiT ports 1e-8 on the biased variance, the official BiT PyTorch code 1e-10. The
@@ -96,7 +97,7 @@ class WeightStandardization(nn.Module):
             reduce = [d for d in range(rank) if d != dim]
             var, mean = torch.var_mean(weight, dim=reduce, keepdim=True, correction=0)
             return (weight - mean) * torch.rsqrt(var + self.eps)
-        order = _MEMORY_ORDER.get((rank, _memory_format(weight)), tuple(range(rank)))
+        order = _MEMORY_ORDER.get((rank, memory_format(weight)), tuple(range(rank)))
         # The weight in memory order is a contiguous tensor; seen as (before, C, after) around the
         # output-channel dim, batch norm's statistics are exactly the per-channel ones wanted.
         flat = weight.permute(order)
@@ -130,6 +131,74 @@ def _inverse(order: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(inverse)
 
 
+def _name(module: nn.Module) -> str:
+    """The module's class name as the user wrote it (not ``ParametrizedConv2d``)."""
+    return parametrize.type_before_parametrizations(module).__name__
+
+
+#: What :func:`reparam_problem` checks a layer for.
+Reparam = Literal["weight_norm", "weight_standardization"]
+_REPARAMS: tuple[str, ...] = ("weight_norm", "weight_standardization")
+
+
+def reparam_problem(module: nn.Module, kind: Reparam) -> str | None:
+    """Why ``module.weight`` cannot take the reparameterization ``kind`` (``None`` when it can).
+
+    The one rule behind :func:`weight_norm`, :func:`standardize_weight` and the planner of the
+    ``wn`` and ``ws_gn`` families: a layer qualifies when it is a Conv/ConvTranspose/Linear
+    (subclasses included) with an initialized weight whose output channels are one weight dim
+    (not a grouped ConvTranspose), without a parametrization already, and, for weight norm, with
+    no all-zero output channel (``g · v / ‖v‖`` is NaN there; not checked on the meta device),
+    for standardization, a fan-in above 1 (standardizing one element gives zero).
+
+    Args:
+        module: any module.
+        kind: ``"weight_norm"`` or ``"weight_standardization"``.
+
+    Returns:
+        A sentence naming the problem and its fix, or ``None``.
+
+    Example:
+        >>> reparam_problem(nn.Conv2d(4, 8, 3), "weight_norm") is None
+        True
+        >>> reparam_problem(nn.ConvTranspose2d(4, 8, 3, groups=2), "weight_norm")
+        "ConvTranspose2d with groups=2: its weight's dim 1 mixes the output channels of ..."
+    """
+    if kind not in _REPARAMS:
+        raise SpecError(f"unknown reparameterization {kind!r}; valid: {', '.join(_REPARAMS)}")
+    name = _name(module)
+    if not isinstance(module, nn.modules.conv._ConvNd | nn.Linear):
+        return (
+            f"{name} is not a Conv1d/2d/3d, ConvTranspose1d/2d/3d or Linear layer (or subclass), "
+            "the layers a weight reparameterization applies to"
+        )
+    if parametrize.is_parametrized(module, "weight"):
+        kinds = ", ".join(type(p).__name__ for p in module.parametrizations["weight"])
+        return (
+            f"{name}'s weight already has a parametrization ({kinds}); remove it first with "
+            "torch.nn.utils.parametrize.remove_parametrizations(module, 'weight')"
+        )
+    weight = module.weight
+    if isinstance(weight, nn.parameter.UninitializedParameter):
+        return f"{name} has an uninitialized (lazy) weight: run one forward pass first"
+    if isinstance(module, nn.modules.conv._ConvTransposeNd) and module.groups != 1:
+        return (
+            f"{name} with groups={module.groups}: its weight's dim 1 mixes the output channels "
+            "of different groups, so a per-output-channel reparameterization is not supported"
+        )
+    dim = output_channel_dim(module)
+    if kind == "weight_standardization" and weight.numel() // weight.shape[dim] == 1:
+        return (
+            f"each output channel of {name} (weight shape {tuple(weight.shape)}) has a fan-in "
+            "of 1, so the standardized weight would be all zeros"
+        )
+    if kind == "weight_norm" and weight.device.type != "meta":
+        rows = weight.detach().transpose(0, dim).flatten(1)
+        if not bool(rows.abs().amax(dim=1).gt(0).all()):
+            return f"{name} has all-zero output channels, where weight norm would give NaN"
+    return None
+
+
 def output_channel_dim(module: nn.Module) -> int:
     """The dim of ``module.weight`` that indexes output channels: 1 for ConvTranspose, else 0.
 
@@ -139,35 +208,11 @@ def output_channel_dim(module: nn.Module) -> int:
     Returns:
         ``1`` for ConvTranspose (weight ``(in, out / groups, *k)``), ``0`` otherwise.
 
-    Raises:
-        UnsupportedModuleError: ``module`` is not a Conv/ConvTranspose/Linear, is a grouped
-            ConvTranspose (its dim 1 mixes the output channels of different groups), or has an
-            uninitialized lazy weight.
-
     Example:
         >>> output_channel_dim(nn.ConvTranspose2d(4, 8, 3))
         1
     """
-    weight = getattr(module, "weight", None)
-    if isinstance(weight, nn.parameter.UninitializedParameter):
-        raise UnsupportedModuleError(
-            f"{_name(module)} has an uninitialized (lazy) weight; run one forward pass "
-            f"to materialize it before reparameterizing"
-        )
-    if isinstance(module, nn.modules.conv._ConvTransposeNd):
-        if module.groups != 1:
-            raise UnsupportedModuleError(
-                f"{_name(module)} with groups={module.groups}: its weight's dim 1 "
-                f"mixes the output channels of different groups, so a per-output-channel "
-                f"reparameterization is not supported; use groups=1"
-            )
-        return 1
-    if isinstance(module, nn.modules.conv._ConvNd | nn.Linear):
-        return 0
-    raise UnsupportedModuleError(
-        f"weight reparameterization supports Conv1d/2d/3d, ConvTranspose1d/2d/3d and Linear "
-        f"(and subclasses), got {_name(module)}"
-    )
+    return 1 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 0
 
 
 def is_weight_parametrized(module: nn.Module, kind: WeightKind = "any") -> bool:
@@ -199,30 +244,19 @@ def is_weight_parametrized(module: nn.Module, kind: WeightKind = "any") -> bool:
     return any(isinstance(p, wanted) for p in module.parametrizations["weight"])
 
 
-def _name(module: nn.Module) -> str:
-    """The module's class name as the user wrote it (not ``ParametrizedConv2d``)."""
-    return parametrize.type_before_parametrizations(module).__name__
-
-
-def _describe_parametrizations(module: nn.Module) -> str:
-    return ", ".join(type(p).__name__ for p in module.parametrizations["weight"])
-
-
-def _check_unparametrized(module: nn.Module, action: str) -> None:
-    if parametrize.is_parametrized(module, "weight"):
-        raise NormSwapError(
-            f"cannot {action} {_name(module)}: its weight already has a parametrization "
-            f"({_describe_parametrizations(module)}); remove it first with "
-            f"torch.nn.utils.parametrize.remove_parametrizations(module, 'weight')"
-        )
+def _refuse(module: nn.Module, kind: Reparam) -> None:
+    problem = reparam_problem(module, kind)
+    if problem is not None:
+        action = "weight-normalize" if kind == "weight_norm" else "standardize the weight of"
+        raise UnsupportedModuleError(f"cannot {action} {_name(module)}: {problem}")
 
 
 def standardize_weight(module: nn.Module, eps: float = 1e-6) -> nn.Module:
     """Apply :class:`WeightStandardization` to ``module.weight`` in place.
 
-    Refuses a module whose weight already has a parametrization (WS applied twice, or WS on top
-    of weight norm) and a module whose output channels have a fan-in of 1 (e.g. ``Linear(1, n)``,
-    a 1x1 depthwise conv): standardizing a single element gives zero.
+    Refuses what :func:`reparam_problem` refuses, e.g. a weight that already has a
+    parametrization (WS applied twice, or WS on top of weight norm) and a layer whose output
+    channels have a fan-in of 1 (``Linear(1, n)``, a 1x1 depthwise conv).
 
     Args:
         module: a Conv/ConvTranspose/Linear module (subclasses included).
@@ -232,24 +266,15 @@ def standardize_weight(module: nn.Module, eps: float = 1e-6) -> nn.Module:
         ``module`` itself, now parametrized.
 
     Raises:
-        UnsupportedModuleError: not a Conv/ConvTranspose/Linear, or a grouped ConvTranspose.
-        NormSwapError: already parametrized, or a per-output-channel fan-in of 1.
+        UnsupportedModuleError: the problem :func:`reparam_problem` names.
 
     Example:
         >>> conv = standardize_weight(nn.Conv2d(8, 16, 3))
         >>> is_weight_parametrized(conv, "weight_standardization")
         True
     """
+    _refuse(module, "weight_standardization")
     dim = output_channel_dim(module)
-    _check_unparametrized(module, "standardize the weight of")
-    weight = module.weight
-    fan_in = weight.numel() // weight.shape[dim]
-    if fan_in == 1:
-        raise NormSwapError(
-            f"cannot standardize the weight of {_name(module)} with weight shape "
-            f"{tuple(weight.shape)}: each output channel has a fan-in of 1, so the standardized "
-            f"weight would be all zeros; leave this layer unstandardized"
-        )
     parametrize.register_parametrization(module, "weight", WeightStandardization(eps, dim=dim))
     return module
 
@@ -272,16 +297,15 @@ def weight_norm(module: nn.Module) -> nn.Module:
         ``module`` itself, now parametrized.
 
     Raises:
-        UnsupportedModuleError: not a Conv/ConvTranspose/Linear, or a grouped ConvTranspose.
-        NormSwapError: the weight already has a parametrization.
+        UnsupportedModuleError: the problem :func:`reparam_problem` names.
 
     Example:
         >>> conv = weight_norm(nn.Conv2d(4, 8, 3))
         >>> sorted(k for k in conv.state_dict() if "original" in k)
         ['parametrizations.weight.original0', 'parametrizations.weight.original1']
     """
+    _refuse(module, "weight_norm")
     dim = output_channel_dim(module)
-    _check_unparametrized(module, "weight-normalize")
     parametrize.register_parametrization(module, "weight", _WeightNorm(dim), unsafe=True)
     module._register_load_state_dict_pre_hook(_legacy_weight_norm_keys)
     return module
@@ -291,14 +315,13 @@ class _WeightNorm(_TorchWeightNorm):
     """torch's weight-norm parametrization, computed in the memory format of the stored ``v``.
 
     ``torch._weight_norm`` copies a channels_last ``v`` to contiguous and returns a contiguous
-    weight, so after ``model.to(memory_format=torch.channels_last)`` every step paid weight-sized
-    copies forward and backward and fed the conv a weight in the other layout (resnet18 at
-    64 px, CPU: 1.47-1.56x BN's step time with BN removed). For a channels_last(_3d) ``v`` the
-    same kernel runs on the permuted view that moves the input-channel dim last, which is
-    contiguous, and the result is permuted back: no copy, a channels_last weight (1.05-1.09x).
-    A contiguous ``v`` takes torch's path unchanged (bitwise the same weight). For a
-    channels_last ``v`` the per-channel norm is summed in memory order, so the weight can differ
-    from torch's in the last bit (measured: at most 3e-8 absolute on unit-scale weights).
+    weight, so after ``model.to(memory_format=torch.channels_last)`` every step would pay
+    weight-sized copies and feed the conv a weight in the other layout. For a channels_last(_3d)
+    ``v`` the same kernel runs on the permuted view that moves the input-channel dim last, which
+    is contiguous, and the result is permuted back: no copy, a channels_last weight. A contiguous
+    ``v`` takes torch's path unchanged (bitwise the same weight); for a channels_last ``v`` the
+    per-channel norm is summed in memory order, so the weight can differ from torch's in the
+    last bit. Measurements: ``benchmarks/NOTES.md``.
 
     It subclasses torch's class and keeps its name, so ``isinstance`` checks, ``right_inverse``,
     :func:`torch.nn.utils.parametrize.remove_parametrizations` and reprs behave as with
@@ -310,7 +333,7 @@ class _WeightNorm(_TorchWeightNorm):
         if (
             self.dim == -1
             or weight_v.is_contiguous()
-            or _memory_format(weight_v) is torch.contiguous_format
+            or memory_format(weight_v) is torch.contiguous_format
         ):
             return torch._weight_norm(weight_v, weight_g, self.dim)
         rank = weight_v.dim()

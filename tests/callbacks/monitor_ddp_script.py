@@ -17,7 +17,7 @@ import torch
 from monitor_lit import LitModel, loader
 
 from normswap.callbacks import NormMonitor
-from normswap.metrics import NormStatsCollector
+from normswap.monitor.collector import NormStatsCollector
 
 EVERY_N_STEPS = 2
 MAX_STEPS = 4

@@ -18,7 +18,7 @@ import normswap
 from normswap.callbacks import NormSwap
 
 
-def calibrate(model: nn.Module, reference: nn.Module, batches: list) -> None:
+def calibrate(model: nn.Module, reference: nn.Module, batches: list, *, batch_to_input) -> None:
     # A deliberately rank-dependent result: NormSwap must broadcast rank zero's.
     with torch.no_grad():
         model.model.bn1.bias.fill_(float(torch.distributed.get_rank()))

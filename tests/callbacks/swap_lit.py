@@ -12,8 +12,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import normswap
 
-COND_DIM = 4
-
 
 class LitClassifier(pl.LightningModule):
     """resnet18 (10 classes) on 3x64x64 inputs; feeds a condition when the model has AdaLN."""
@@ -36,8 +34,9 @@ class LitClassifier(pl.LightningModule):
         self.lr = lr
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if any(isinstance(m, normswap.AdaLN) for m in self.model.modules()):
-            cond = x.mean(dim=(1, 2, 3), keepdim=False)[:, None].expand(-1, COND_DIM)
+        dims = {m.cond_dim for m in self.model.modules() if isinstance(m, normswap.AdaLN)}
+        if dims:
+            cond = x.mean(dim=(1, 2, 3), keepdim=False)[:, None].expand(-1, dims.pop())
             with normswap.condition(self.model, cond):
                 return self.model(x)
         return self.model(x)

@@ -1,4 +1,4 @@
-"""NormMonitor and normswap.metrics: real Trainer runs on the CPU with tiny models and data."""
+"""NormMonitor and normswap.monitor: real Trainer runs on the CPU with tiny models and data."""
 
 from __future__ import annotations
 
@@ -22,10 +22,17 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 import normswap
-from normswap import metrics
 from normswap.callbacks import NormMonitor
 from normswap.errors import NormSwapError, SpecError
-from normswap.metrics import STATS, NormHistory, family_of, register_family
+from normswap.monitor import collector
+from normswap.monitor.families import (
+    MONITOR_FAMILIES,
+    family_of,
+    list_families,
+    register_monitor_family,
+)
+from normswap.monitor.history import NormHistory
+from normswap.monitor.stats import STATS
 
 HERE = Path(__file__).resolve().parent
 
@@ -133,15 +140,18 @@ def test_families_by_class_hierarchy() -> None:
 
     assert family_of(MyBN(4)) == "bn"
     assert family_of(MyGN(4, num_groups=2)) == "gn"
-    register_family(OwnBN, "ownbn")
-    assert family_of(OwnBN(4)) == "ownbn"
-    assert "ownbn" in metrics.list_families()
-    with pytest.raises(SpecError, match=r"OwnBN is already registered as norm family 'ownbn'"):
-        register_family(OwnBN, "other")
-    with pytest.raises(SpecError, match=r"family name must be letters.*got 'a/b'"):
-        register_family(MyGN, "a/b")
-    with pytest.raises(SpecError, match=r"cls must be an nn.Module subclass, got 3"):
-        register_family(3, "three")  # type: ignore[arg-type]  # wrong type on purpose
+    register_monitor_family(OwnBN, "ownbn")
+    try:
+        assert family_of(OwnBN(4)) == "ownbn"
+        assert "ownbn" in list_families()
+        with pytest.raises(SpecError, match=r"OwnBN is already registered \(by 'ownbn'\)"):
+            register_monitor_family(OwnBN, "other")
+        with pytest.raises(SpecError, match=r"family name must be letters.*got 'a/b'"):
+            register_monitor_family(MyGN, "a/b")
+        with pytest.raises(SpecError, match=r"cls must be an nn.Module subclass, got 3"):
+            register_monitor_family(3, "three")  # type: ignore[arg-type]  # wrong type on purpose
+    finally:
+        MONITOR_FAMILIES.unregister(OwnBN)
 
 
 def test_history_state_roundtrip_and_reindex() -> None:
@@ -326,13 +336,13 @@ def test_nothing_runs_on_other_steps_resnet18(
     normswap.swap(net, "gn", include="layer4.*")
     calls = {"moments": 0, "batchnorm_input_stats": 0}
     for name in calls:
-        original = getattr(metrics, name)
+        original = getattr(collector, name)
 
         def counting(*args: Any, _name: str = name, _f: Any = original) -> torch.Tensor:
             calls[_name] += 1
             return _f(*args)
 
-        monkeypatch.setattr(metrics, name, counting)
+        monkeypatch.setattr(collector, name, counting)
     lit = LitModel(net)
     assert _hook_count(lit) == 0
     probe = HookProbe()
@@ -487,7 +497,7 @@ def test_ddp_layer_skipped_on_one_rank(ddp_run: tuple[Path, list[dict[str, Any]]
     assert local1[2 * size + paths.index("model.bn2")] == 0  # rank 1: no call
     assert local1[size : 2 * size].view(len(paths), -1)[paths.index("model.bn2"), 0] == 0
     total = local0 + local1
-    table = metrics.unpack(total, len(paths))
+    table = collector.unpack(total, len(paths))
     for path, family in ALL_NORMS_LAYERS.items():
         row = paths.index(path)
         for stat in ("in_std", "out_mean", "grad_norm"):

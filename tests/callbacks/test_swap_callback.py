@@ -10,6 +10,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import yaml
+from families_matrix import FAMILIES, options
 from helpers import run_ddp
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from swap_lit import LitClassifier, loader, trainer
@@ -20,8 +21,8 @@ from normswap import NormSwapError, SpecError
 from normswap.callbacks import NormSwap
 
 HERE = Path(__file__).parent
-TARGETS = ["gn", "ln", "ln2d", "in", "adalin", "adaln", "wn", "ws_gn"]
-KW = {"adaln": {"cond_dim": 4}}
+TARGETS = FAMILIES
+KW = {name: options(name) for name in FAMILIES}
 
 
 class Inspect(Callback):
@@ -29,7 +30,7 @@ class Inspect(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.optimized = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
-        self.module_params = {id(p) for p in pl_module.parameters() if p.requires_grad}
+        self.module_params = {id(p) for p in pl_module.parameters()}
         self.start = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
         self.bn_left = [n for n, m in pl_module.named_modules() if normswap.is_source_norm(m)]
 
@@ -43,7 +44,7 @@ def test_fit_trains_the_swapped_model(target: str, tmp_path: Path) -> None:
     assert inspect.bn_left == []
     assert inspect.optimized == inspect.module_params
     end = module.state_dict()
-    converted = [r.path for r in swap_cb.report if r.action == "replace"]
+    converted = [r.path for r in swap_cb.report if r.action == "replace" and not r.frozen]
     for path in converted:
         key = f"{path}.weight"
         assert not torch.equal(end[key], inspect.start[key]), f"{key} did not train"
@@ -136,10 +137,10 @@ def test_wn_fold_in_a_training_module_keeps_outputs(tmp_path: Path) -> None:
 def test_calibrate_hook(tmp_path: Path) -> None:
     calls = []
 
-    def calibrate(model: nn.Module, reference: nn.Module, batches: list) -> None:
+    def calibrate(model: nn.Module, reference: nn.Module, batches: list, *, batch_to_input) -> None:
         assert any(isinstance(m, nn.BatchNorm2d) for m in reference.modules())
         assert not any(normswap.is_source_norm(m) for m in model.modules())
-        calls.append([b.shape for b in batches])
+        calls.append([batch_to_input(b).shape for b in batches])
         with torch.no_grad():
             model.model.bn1.bias.fill_(0.25)
 
@@ -198,7 +199,11 @@ def test_torch_compile_module(tmp_path: Path) -> None:
         ({"spec": "gn", "num_groups": 0}, SpecError, "num_groups must be a positive integer"),
         ({"spec": "gn", "groups": 4}, SpecError, "valid fields"),
         ({"spec": "gn", "include": ""}, NormSwapError, "glob string"),
-        ({"spec": "gn", "calibrate": 3}, NormSwapError, "calibrate(model, reference, batches)"),
+        (
+            {"spec": "gn", "calibrate": 3},
+            NormSwapError,
+            "calibrate(model, reference, batches, *, batch_to_input)",
+        ),
         ({"spec": "gn", "calibrate_batches": 0}, NormSwapError, "must be a positive int, got 0"),
         ({"spec": "gn", "strict": "yes"}, NormSwapError, "True or False"),
     ],

@@ -17,7 +17,8 @@ from torch import nn
 from torch.testing import assert_close
 
 from normswap.norms import AdaLIN, GroupNorm, InstanceNorm, LayerNorm
-from normswap.norms.group import _group_norm, _slow_contiguous_backward
+from normswap.norms.dispatch import group_norm as _group_norm
+from normswap.norms.dispatch import slow_contiguous_backward as _slow_contiguous_backward
 
 CL = torch.channels_last
 

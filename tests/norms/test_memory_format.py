@@ -13,29 +13,31 @@ from __future__ import annotations
 
 import pytest
 import torch
+from families_matrix import FAMILIES, options
 from torch import nn
 from torch.nn.utils import parametrize
 
 import normswap
-from normswap.norms import NORM_LAYERS, weight_norm
+from normswap.families import family_layers
+from normswap.norms import weight_norm
 
 COND_DIM = 4
 
-# (id, target, overrides, model mode)
-CASES = [
-    ("gn", "gn", {}, "train"),
-    ("ln", "ln", {}, "train"),
-    ("ln2d", "ln2d", {}, "train"),
-    ("in", "in", {}, "train"),
+
+def _mode(name: str, overrides: dict) -> str:
+    spec = normswap.get_spec(name, **overrides)
+    return "eval" if normswap.get_family(name).target.needs_eval_mode(spec) else "train"
+
+
+# (id, target, overrides, model mode): every registered family as it comes, then variants.
+CASES = [(name, name, options(name), _mode(name, options(name))) for name in FAMILIES] + [
     ("in_tracked", "in", {"track_running_stats": True}, "train"),
     ("in_tracked_eval", "in", {"track_running_stats": True}, "eval"),
-    ("adalin", "adalin", {}, "train"),
-    ("adaln", "adaln", {"cond_dim": COND_DIM}, "train"),
     ("adaln_mlp_gate", "adaln", {"cond_dim": COND_DIM, "hidden_dim": 8, "gate": True}, "train"),
     ("wn_keep", "wn", {"bn": "keep"}, "train"),
     ("wn_remove", "wn", {"bn": "remove"}, "train"),
     ("wn_fold", "wn", {"bn": "fold"}, "eval"),
-    ("ws_gn", "ws_gn", {}, "train"),
+    ("frozen_trainable", "frozen", {"trainable": True}, "train"),
 ]
 FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
@@ -66,7 +68,7 @@ def _layout(t: torch.Tensor) -> str:
 
 def _is_checked(module: nn.Module) -> bool:
     return (
-        isinstance(module, NORM_LAYERS)
+        isinstance(module, family_layers())
         or normswap.is_source_norm(module)
         or parametrize.is_parametrized(module, "weight")
     )
@@ -100,8 +102,9 @@ def test_every_converted_layer_keeps_the_input_memory_format(case: str, fmt: str
     assert checked, "the conversion produced nothing to check"
     handles = [m.register_forward_hook(check) for m in checked]
     try:
-        if case.startswith("adaln"):
-            with normswap.condition(model, torch.randn(2, COND_DIM)):
+        dims = {m.cond_dim for m in model.modules() if isinstance(m, normswap.AdaLN)}
+        if dims:
+            with normswap.condition(model, torch.randn(2, dims.pop())):
                 out = model(x)
         else:
             out = model(x)

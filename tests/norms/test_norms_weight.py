@@ -207,7 +207,7 @@ def test_is_weight_parametrized_tells_the_kinds_apart() -> None:
 
 @pytest.mark.parametrize("apply", [standardize_weight, weight_norm])
 def test_reparameterizations_refuse_unsupported_modules(apply: object) -> None:
-    with pytest.raises(UnsupportedModuleError, match="got BatchNorm2d"):
+    with pytest.raises(UnsupportedModuleError, match="BatchNorm2d is not a Conv1d/2d/3d"):
         apply(nn.BatchNorm2d(4))  # type: ignore[operator]
     with pytest.raises(UnsupportedModuleError, match="groups=2"):
         apply(nn.ConvTranspose2d(4, 4, 3, groups=2))  # type: ignore[operator]

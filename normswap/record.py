@@ -17,8 +17,10 @@ import torch
 from torch import nn
 
 from normswap.errors import NormSwapError, SwapError
+from normswap.families import get_family
+from normswap.modes import restore_training_flags, training_flags
 from normswap.report import SwapReport
-from normswap.specs import NormSpec, WeightNormSpec, spec_from_dict
+from normswap.specs import NormSpec, spec_from_dict
 from normswap.surgery import swap
 
 __all__ = [
@@ -109,18 +111,18 @@ def swap_for_training(
 ) -> SwapReport:
     """:func:`~normswap.swap` for a model in training mode.
 
-    Folding uses running statistics, so for ``wn`` with ``bn="fold"`` the model is put in
-    eval mode for the swap and every module's training flag is restored afterwards.
+    Where the family needs it (folding uses running statistics: ``wn`` with ``bn="fold"``),
+    the model is put in eval mode for the swap and every module's training flag is restored
+    afterwards.
 
     Example:
         >>> import torchvision
-        >>> from normswap.specs import WeightNormSpec
         >>> model = torchvision.models.resnet18()  # training mode
-        >>> swap_for_training(model, WeightNormSpec(bn="fold")).counts()["BatchNorm2d -> folded"]
+        >>> swap_for_training(model, normswap.get_spec("wn")).counts()["BatchNorm2d -> folded"]
         20
     """
-    modes = {m: m.training for m in model.modules()}
-    if isinstance(spec, WeightNormSpec) and spec.bn == "fold":
+    flags = training_flags(model)
+    if get_family(spec.name).target.needs_eval_mode(spec):
         model.eval()
     try:
         return swap(
@@ -132,8 +134,7 @@ def swap_for_training(
             strict=strict,
         )
     finally:
-        for module, training in modes.items():
-            module.training = training
+        restore_training_flags(model, flags)
 
 
 def replay(
@@ -200,8 +201,13 @@ def restore(
         The report of the replayed swap.
 
     Example:
-        >>> model = MyLitModule()  # doctest: +SKIP
-        >>> normswap.restore(model, "epoch=3.ckpt")  # doctest: +SKIP
+        >>> import tempfile, torchvision
+        >>> model = torchvision.models.resnet18()
+        >>> record = surgery_record(normswap.swap(model, "gn"))
+        >>> path = tempfile.mkdtemp() + "/resnet18_gn.pt"
+        >>> torch.save({"normswap": record, "state_dict": model.state_dict()}, path)
+        >>> len(restore(torchvision.models.resnet18(), path))
+        20
     """
     if isinstance(checkpoint, (str, os.PathLike)):
         checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)

@@ -1,4 +1,4 @@
-"""normswap.pretrained.convert_pretrained: swap + calibrate + distill in one call."""
+"""normswap.pretrained.convert: swap + calibrate + distill in one call."""
 
 from __future__ import annotations
 
@@ -10,10 +10,9 @@ from helpers import snapshot
 from test_distill import _inputs, _teacher
 from torch import nn
 
-from normswap.calibrate import CalibrationError
-from normswap.distill import fidelity
-from normswap.errors import SpecError
-from normswap.pretrained import ConversionResult, convert_pretrained
+from normswap.errors import CalibrationError, SpecError
+from normswap.pretrained.convert import ConversionResult, convert_pretrained
+from normswap.pretrained.fidelity import fidelity
 
 
 def test_gn_conversion_comes_back_to_the_original():

@@ -1,4 +1,5 @@
-"""normswap.fold: folding eval-mode BatchNorm into conv/linear is exact, and all-or-nothing."""
+"""Folding eval-mode BatchNorm into conv/linear (normswap.graph.fold, normswap.fold_bn) is exact,
+and all-or-nothing."""
 
 from __future__ import annotations
 
@@ -11,9 +12,12 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrizations
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+import normswap
 from normswap.errors import FoldError
-from normswap.fold import fold_bn, fold_conv_bn, fold_problems
-from normswap.trace import BATCHNORM_TYPES, trace
+from normswap.graph import trace
+from normswap.graph.fold import fold_conv_bn
+from normswap.graph.rules import fold_problems
+from normswap.surgery import fold_bn
 
 
 def randomize_bn(bn: nn.Module, generator: torch.Generator) -> nn.Module:
@@ -31,7 +35,7 @@ def randomize_bn(bn: nn.Module, generator: torch.Generator) -> nn.Module:
 def randomize_model(model: nn.Module, seed: int = 0) -> nn.Module:
     g = torch.Generator().manual_seed(seed)
     for m in model.modules():
-        if isinstance(m, BATCHNORM_TYPES):
+        if normswap.is_source_norm(m):
             randomize_bn(m, g)
     return model.eval()
 
@@ -202,10 +206,12 @@ def test_parametrized_producer_is_refused() -> None:
 
 
 def test_fold_problems_lists_everything() -> None:
-    problems = fold_problems(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, track_running_stats=False))
+    src = normswap.describe_source(nn.BatchNorm2d(4, track_running_stats=False))
+    problems = fold_problems(src, nn.Conv2d(3, 4, 1))
     assert len(problems) == 2
     assert "no running statistics" in problems[0] and "training mode" in problems[1]
-    assert fold_problems(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4).eval()) == []
+    bn = normswap.describe_source(nn.BatchNorm2d(4).eval())
+    assert fold_problems(bn, nn.Conv2d(3, 4, 1)) == []
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,7 +237,7 @@ def test_fold_bn_on_torchvision_models(name: str, kwargs: dict, n_bn: int) -> No
         expected = model(x)
     pairs = fold_bn(model, x)
     assert len(pairs) == n_bn
-    assert not any(isinstance(m, BATCHNORM_TYPES) for m in model.modules())
+    assert not any(normswap.is_source_norm(m) for m in model.modules())
     assert all(isinstance(model.get_submodule(bn), nn.Identity) for bn, _ in pairs)
     if kwargs:
         assert not any(p.requires_grad for p in model.parameters())
@@ -295,10 +301,7 @@ def test_fold_bn_refuses_training_mode_and_changes_nothing() -> None:
     message = str(info.value)
     assert "4 problem(s)" in message
     for path in ("layer1.0.bn1", "layer1.0.bn2", "layer1.1.bn1", "layer1.1.bn2"):
-        assert (
-            f"  - {path}: into {path.replace('bn', 'conv')}: BatchNorm2d is in training mode"
-            in message
-        )
+        assert f"  - {path}: BatchNorm2d is in training mode" in message
     assert "call model.eval() first" in message
     assert_untouched(before, model)
 
@@ -366,7 +369,7 @@ def test_fold_bn_is_exact_on_every_family(name: str) -> None:
         expected = model(x)
     pairs = fold_bn(model, x)
     assert len(pairs) == FAMILIES[name]
-    assert not any(isinstance(m, BATCHNORM_TYPES) for m in model.modules())
+    assert not any(normswap.is_source_norm(m) for m in model.modules())
     with torch.no_grad():
         got = model(x)
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9 * expected.abs().max().item())

@@ -29,138 +29,30 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from normswap.calibrate import (
-    CalibrationError,
-    _call,
-    _collective_device,
-    _device,
-    _distributed,
-    _eval_mode,
-    _unwrap,
-    converted_layers,
-    input_batches,
+from normswap.distributed import (
+    all_ranks_true,
+    any_rank_true,
+    average_gradients,
+    broadcast_module,
+    rank,
 )
+from normswap.errors import CalibrationError
+from normswap.inputs import (
+    BatchToInput,
+    call_model,
+    check_samples,
+    count_samples,
+    default_batch_to_input,
+    iter_inputs,
+    model_device,
+)
+from normswap.modes import eval_mode
+from normswap.pretrained.fidelity import fidelity, kl_div, logits_of
+from normswap.pretrained.structure import converted_layers, unwrap
 
-__all__ = ["DistillCheck", "DistillReport", "Fidelity", "distill", "fidelity", "hflip"]
-
-
-# --------------------------------------------------------------------------- fidelity
-
-
-@dataclass(frozen=True)
-class Fidelity:
-    """How closely a model's logits follow a reference's on some inputs.
-
-    Attributes:
-        agreement: fraction of samples whose top-1 class is the reference's.
-        kl: mean KL divergence ``KL(reference || model)`` of the softmax outputs (nats).
-        max_abs_diff: largest absolute logit difference.
-        samples: number of samples compared.
-
-    Example:
-        >>> Fidelity(0.9, 0.05, 2.5, 100).to_dict()["agreement"]
-        0.9
-    """
-
-    agreement: float
-    kl: float
-    max_abs_diff: float
-    samples: int
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dictionary.
-
-        Example:
-            >>> sorted(Fidelity(1.0, 0.0, 0.0, 2).to_dict())
-            ['agreement', 'kl', 'max_abs_diff', 'samples']
-        """
-        return {
-            "agreement": self.agreement,
-            "kl": self.kl,
-            "max_abs_diff": self.max_abs_diff,
-            "samples": self.samples,
-        }
-
-    def __str__(self) -> str:
-        return (
-            f"top-1 agreement {self.agreement:.1%}, KL {self.kl:.4f}, "
-            f"max |Δlogit| {self.max_abs_diff:.3g} on {self.samples} samples"
-        )
-
-
-def _logits(output: Any, who: str) -> Tensor:
-    if not isinstance(output, Tensor) or output.dim() != 2:
-        shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
-        raise CalibrationError(
-            f"the {who} must return logits of shape (N, classes) for distillation and fidelity, "
-            f"got {shape}; wrap it so that it returns the logits"
-        )
-    return output
-
-
-def _kl(student: Tensor, teacher: Tensor, temperature: float = 1.0) -> Tensor:
-    """Per-sample ``KL(softmax(teacher / T) || softmax(student / T))``."""
-    t = F.log_softmax(teacher.float() / temperature, dim=-1)
-    s = F.log_softmax(student.float() / temperature, dim=-1)
-    return (t.exp() * (t - s)).sum(-1)
-
-
-def _sum_over_ranks(values: list[float]) -> list[float]:
-    if not _distributed():
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=_collective_device())
-    torch.distributed.all_reduce(t)
-    return t.tolist()
-
-
-def fidelity(
-    model: nn.Module, reference: nn.Module, data: Any, *, max_batches: int | None = None
-) -> Fidelity:
-    """Compare ``model``'s logits with ``reference``'s on ``data`` (both in eval mode).
-
-    Under ``torch.distributed`` the counts are summed over the ranks (every rank must call it).
-
-    Args:
-        model: the model to measure.
-        reference: the model it should behave like.
-        data: inputs, in any form :func:`normswap.calibrate.input_batches` accepts.
-        max_batches: use at most this many batches.
-
-    Returns:
-        The :class:`Fidelity`.
-
-    Raises:
-        CalibrationError: empty data, or a model that does not return ``(N, classes)`` logits.
-
-    Example:
-        >>> net = nn.Linear(4, 3)
-        >>> fidelity(net, net, torch.randn(8, 4)).agreement
-        1.0
-    """
-    batches = input_batches(data, max_batches=max_batches, device=_device(model))
-    agree = kl = 0.0
-    worst = 0.0
-    count = 0
-    with torch.no_grad(), _eval_mode(model, reference):
-        for inputs in batches:
-            out = _logits(_call(model, inputs), "model")
-            ref = _logits(_call(reference, inputs), "reference")
-            agree += float((out.argmax(-1) == ref.argmax(-1)).sum())
-            kl += float(_kl(out, ref).sum())
-            worst = max(worst, float((out.float() - ref.float()).abs().max()))
-            count += out.shape[0]
-    agree, kl, count_f = _sum_over_ranks([agree, kl, float(count)])
-    if _distributed():
-        w = torch.tensor([worst], dtype=torch.float64, device=_collective_device())
-        torch.distributed.all_reduce(w, op=torch.distributed.ReduceOp.MAX)
-        worst = float(w)
-    return Fidelity(agree / count_f, kl / count_f, worst, int(count_f))
-
-
-# --------------------------------------------------------------------------- report
+__all__ = ["DistillCheck", "DistillReport", "distill", "hflip"]
 
 
 @dataclass(frozen=True)
@@ -169,7 +61,7 @@ class DistillCheck:
 
     Attributes:
         step: optimizer steps done.
-        seconds: wall time since the start.
+        seconds: time since the start, by ``clock``.
         agreement: top-1 agreement with the teacher on the validation inputs.
         kl: mean KL divergence on the validation inputs.
         loss: training loss averaged since the previous check (``nan`` at step 0).
@@ -203,7 +95,7 @@ class DistillReport:
 
     Attributes:
         steps: optimizer steps run.
-        seconds: wall time.
+        seconds: time taken, by ``clock``.
         stopped: why training ended (``"steps"``, ``"no improvement ..."``, ``"time budget"``).
         best_step: the step whose parameters were kept.
         checks: every validation check, in order (the agreement-vs-budget curve).
@@ -272,9 +164,15 @@ def hflip(x: Tensor) -> Tensor:
 
 
 def _training_batches(
-    data: Any, batch_size: int, generator: torch.Generator, device: torch.device | None
+    data: Any,
+    batch_size: int,
+    generator: torch.Generator,
+    device: torch.device | None,
+    batch_to_input: BatchToInput,
+    skip_first: bool,
 ) -> Iterator[Any]:
-    """Endless batches: random samples of a tensor, or the iterable's batches, epoch after epoch."""
+    """Training batches, streamed: random samples of a tensor epoch after epoch, or the
+    iterable's batches epoch after epoch (a one-shot iterator: once)."""
     if isinstance(data, Tensor):
         n = data.shape[0]
         while True:
@@ -282,29 +180,25 @@ def _training_batches(
             for start in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
                 idx = order[start : start + batch_size]
                 yield data[idx].to(device) if device is not None else data[idx]
-    else:
-        while True:
-            got = False
-            for batch in input_batches(_Once(data), device=device):
-                got = True
-                yield batch
-            if not got:  # pragma: no cover - input_batches refuses empty data
-                return
+    one_shot = iter(data) is data
+    while True:
+        got = False
+        stream = iter_inputs(data, batch_to_input=batch_to_input, device=device)
+        for index, inputs in enumerate(stream):
+            if skip_first and index == 0:
+                continue
+            got = True
+            yield inputs
+        if one_shot or not got:
+            return
 
 
-class _Once:
-    """Iterate an iterable once more (lists and DataLoaders restart; generators are spent)."""
-
-    def __init__(self, data: Any) -> None:
-        self.data = data
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter(self.data)
-
-
-def _split_validation(data: Any, val_data: Any, fraction: float) -> tuple[Any, Any]:
+def _split_validation(
+    data: Any, val_data: Any, fraction: float, batch_to_input: BatchToInput
+) -> tuple[Any, list[Any] | Any, bool]:
+    """``(training data, validation inputs, skip the first batch when training)``."""
     if val_data is not None:
-        return data, val_data
+        return data, val_data, False
     if isinstance(data, Tensor):
         n = data.shape[0]
         held = max(1, math.ceil(n * fraction))
@@ -313,34 +207,18 @@ def _split_validation(data: Any, val_data: Any, fraction: float) -> tuple[Any, A
                 f"{n} input sample(s) cannot be split into training and validation inputs: "
                 "pass more data or val_data="
             )
-        return data[: n - held], data[n - held :]
-    batches = input_batches(data)
-    if len(batches) < 2:
+        return data[: n - held], data[n - held :], False
+    sampler = getattr(data, "sampler", None)
+    if isinstance(sampler, torch.utils.data.RandomSampler):
         raise CalibrationError(
-            "distillation holds out one batch to measure agreement, but the data has only one: "
-            "pass val_data=, more batches, or one tensor of inputs"
+            "distillation holds out the first batch of the data to measure agreement, but this "
+            "DataLoader shuffles, so that batch changes every epoch and would be trained on: "
+            "pass val_data= (held-out inputs)"
         )
-    return batches[1:], batches[:1]
-
-
-def _average_gradients(params: list[nn.Parameter]) -> None:
-    world = torch.distributed.get_world_size()
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.flatten() for g in grads])
-    torch.distributed.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
-
-
-def _broadcast(model: nn.Module) -> None:
-    with torch.no_grad():
-        for t in [*model.parameters(), *model.buffers()]:
-            torch.distributed.broadcast(t.data, src=0)
+    first = next(iter_inputs(data, batch_to_input=batch_to_input), None)
+    check_samples(first, "distillation data")
+    one_shot = iter(data) is data
+    return data, [first], not one_shot
 
 
 def _check_positive(name: str, value: Any, kind: type = int) -> None:
@@ -369,6 +247,7 @@ def distill(
     augment: Callable[[Tensor], Tensor] | None = hflip,
     seed: int = 0,
     progress: bool = True,
+    batch_to_input: BatchToInput = default_batch_to_input,
 ) -> DistillReport:
     """Train ``model`` to reproduce ``teacher``'s outputs on unlabeled ``data``.
 
@@ -383,15 +262,17 @@ def distill(
         model: the converted (student) model; trained in place. A DDP wrapper is unwrapped.
         teacher: the model to imitate (usually the original, before the swap).
         data: unlabeled inputs: one tensor ``(N, ...)`` of inputs (random batches of
-            ``batch_size`` are drawn, epoch after epoch), or a list / ``DataLoader`` of batches
-            (tensors or ``(x, y)``; labels are ignored), re-iterated for each epoch.
+            ``batch_size`` are drawn, epoch after epoch), or an iterable of batches (a list, a
+            ``DataLoader``; an ``(x, y)`` batch gives its ``x``) streamed one batch at a time
+            and re-iterated for each epoch (a one-shot iterator is read once).
         steps: the most optimizer steps (the schedule's length).
         lr: peak learning rate.
         batch_size: batch size when ``data`` is one tensor.
         temperature: softmax temperature ``T`` of the KL term.
         feature_weight: weight of the feature term (0 turns it off).
         val_data: held-out inputs for the agreement checks; ``None`` holds out the last
-            ``val_fraction`` of a tensor's samples, or the first batch of an iterable.
+            ``val_fraction`` of a tensor's samples, or the first batch of an iterable (not of a
+            shuffling DataLoader: pass ``val_data`` there).
         val_fraction: see ``val_data``.
         eval_every: steps between agreement checks.
         patience: stop after this many checks without a better agreement.
@@ -407,6 +288,7 @@ def distill(
             ``None`` for none. The teacher sees the same augmented batch.
         seed: seeds the batch order.
         progress: show a progress bar (rank 0 only).
+        batch_to_input: maps a batch of an iterable to model inputs.
 
     Returns:
         A :class:`DistillReport` with the agreement-vs-steps checks.
@@ -443,32 +325,40 @@ def distill(
         raise CalibrationError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
     if max_seconds is not None:
         _check_positive("max_seconds", max_seconds, float)
-    model, teacher = _unwrap(model), _unwrap(teacher)
+    model, teacher = unwrap(model), unwrap(teacher)
     if model is teacher:
         raise CalibrationError("the teacher is the model itself: pass the original model")
-    device = _device(model)
-    train_data, val = _split_validation(data, val_data, val_fraction)
-    val_batches = input_batches(val, device=device)
+    device = model_device(model)
+    train_data, val, skip_first = _split_validation(data, val_data, val_fraction, batch_to_input)
+    if iter(val) is val:  # a one-shot iterator: keep its batches for every check
+        val = list(iter_inputs(val, batch_to_input=batch_to_input))
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise CalibrationError("the model has no parameter with requires_grad=True to train")
     features = converted_layers(model, teacher) if feature_weight > 0 else {}
 
-    generator = torch.Generator().manual_seed(seed + _rank())
-    batches = _training_batches(train_data, batch_size, generator, device)
-    first = next(batches)
-    with torch.no_grad(), _eval_mode(model, teacher):  # both must run before anything changes
+    generator = torch.Generator().manual_seed(seed + rank())
+    batches = _training_batches(
+        train_data, batch_size, generator, device, batch_to_input, skip_first
+    )
+    first = next(batches, None)
+    if first is None and skip_first:
+        raise CalibrationError(
+            "distillation holds out one batch to measure agreement, but the data has only one: "
+            "pass val_data=, more batches, or one tensor of inputs"
+        )
+    first = check_samples(first, "distillation data")
+    with torch.no_grad(), eval_mode(model, teacher):  # both must run before anything changes
         for who, m in (("teacher", teacher), ("model", model)):
             try:
-                _logits(_call(m, first), who)
+                logits_of(call_model(m, first), who)
             except CalibrationError:
                 raise
             except Exception as err:
                 raise CalibrationError(
                     f"the {who} cannot run on the distillation data: {type(err).__name__}: {err}"
                 ) from err
-    if _distributed():
-        _broadcast(model)
+    broadcast_module(model)
 
     taps = _FeatureTaps(features, teacher)
 
@@ -478,11 +368,11 @@ def distill(
     def check(step: int, loss: float) -> DistillCheck:
         nonlocal excluded
         with taps.paused():
-            f = fidelity(model, teacher, val_batches)
+            f = fidelity(model, teacher, val, batch_to_input=batch_to_input)
             result = DistillCheck(step, elapsed(), f.agreement, f.kl, loss)
             if on_check is not None:
                 tick = clock()
-                with _eval_mode(model):
+                with eval_mode(model):
                     on_check(result, model)
                 excluded += clock() - tick
         return result
@@ -495,28 +385,45 @@ def distill(
     best, best_state, stale = checks[0], _state(model), 0
     stopped, step, seen, running, count = "steps", 0, 0, 0.0, 0
     bar = _progress(steps, progress)
+
+    def evaluate() -> bool:
+        """Check agreement now, keep the best parameters; whether patience ran out."""
+        nonlocal best, best_state, stale, running, count
+        c = check(step, running / max(count, 1))
+        running, count = 0.0, 0
+        checks.append(c)
+        if (c.agreement, -c.kl) > (best.agreement, -best.kl):
+            best, best_state, stale = c, _state(model), 0
+        else:
+            stale += 1
+        return stale >= patience
+
     try:
-        with _eval_mode(model, teacher), _flush_denormal(device):
+        with eval_mode(model, teacher), flush_denormal(device):
             pending: Any = first
             while step < steps:
-                inputs = pending if pending is not None else next(batches)
+                inputs = pending if pending is not None else next(batches, None)
                 pending = None
+                if not all_ranks_true(inputs is not None):
+                    stopped = "data exhausted"
+                    if checks[-1].step != step:
+                        evaluate()
+                    break
                 if augment is not None and isinstance(inputs, Tensor):
                     inputs = augment(inputs)
                 with torch.no_grad():
-                    target = _logits(_call(teacher, inputs), "teacher")
-                out = _logits(_call(model, inputs), "model")
-                loss = _kl(out, target, temperature).mean() * temperature**2
+                    target = logits_of(call_model(teacher, inputs), "teacher")
+                out = logits_of(call_model(model, inputs), "model")
+                loss = kl_div(out, target, temperature).mean() * temperature**2
                 if features:
                     loss = loss + feature_weight * taps.loss()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                if _distributed():
-                    _average_gradients(params)
+                average_gradients(params)
                 optimizer.step()
                 schedule.step()
                 step += 1
-                seen += _batch_len(inputs)
+                seen += count_samples(inputs)
                 running += float(loss.detach())
                 count += 1
                 if bar is not None:
@@ -525,21 +432,11 @@ def distill(
                         loss=f"{float(loss.detach()):.3f}", agree=f"{checks[-1].agreement:.1%}"
                     )
                 out_of_time = _out_of_time(elapsed(), max_seconds, checks)
-                if _distributed() and max_seconds is not None:  # every rank stops together
-                    flag = torch.tensor([float(out_of_time)], device=_collective_device())
-                    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-                    out_of_time = bool(flag.item())
-                if step % eval_every == 0 or step == steps or out_of_time:
-                    c = check(step, running / max(count, 1))
-                    running, count = 0.0, 0
-                    checks.append(c)
-                    if (c.agreement, -c.kl) > (best.agreement, -best.kl):
-                        best, best_state, stale = c, _state(model), 0
-                    else:
-                        stale += 1
-                    if stale >= patience:
-                        stopped = f"no improvement in {patience} checks"
-                        break
+                if max_seconds is not None:  # every rank stops together
+                    out_of_time = any_rank_true(out_of_time)
+                if (step % eval_every == 0 or step == steps or out_of_time) and evaluate():
+                    stopped = f"no improvement in {patience} checks"
+                    break
                 if out_of_time:
                     stopped = "time budget"
                     break
@@ -548,8 +445,7 @@ def distill(
         if bar is not None:
             bar.close()
     model.load_state_dict(best_state)
-    if _distributed():
-        _broadcast(model)
+    broadcast_module(model)
     return DistillReport(
         steps=step,
         seconds=elapsed(),
@@ -571,13 +467,17 @@ class _FeatureTaps:
         self.attach()
 
     def attach(self) -> None:
+        # Copies (a differentiable one for the student): an in-place activation after the norm
+        # (ReLU(inplace=True)) would otherwise turn both into post-activation values.
         for path, layer, ref in self.pairs:
             self.handles.append(
-                layer.register_forward_hook(lambda _m, _i, o, p=path: self.student.update({p: o}))
+                layer.register_forward_hook(
+                    lambda _m, _i, o, p=path: self.student.update({p: o.clone()})
+                )
             )
             self.handles.append(
                 ref.register_forward_hook(
-                    lambda _m, _i, o, p=path: self.teacher.update({p: o.detach()})
+                    lambda _m, _i, o, p=path: self.teacher.update({p: o.detach().clone()})
                 )
             )
 
@@ -613,12 +513,12 @@ def _flush_denormal_enabled() -> bool:
 
 
 @contextlib.contextmanager
-def _flush_denormal(device: torch.device | None) -> Iterator[None]:
+def flush_denormal(device: torch.device | None) -> Iterator[None]:
     """Flush denormals to zero on CPU while training, then restore the previous setting.
 
     Training steps on CPU can run several times slower when gradients or Adam's moments decay
-    into denormal floats (measured here: 2.5x on MobileNetV2); flushing them changes values
-    below 1e-38 only.
+    into denormal floats (``benchmarks/NOTES.md``); flushing them changes values below 1e-38
+    only.
     """
     if device is not None and device.type != "cpu":
         yield
@@ -631,22 +531,8 @@ def _flush_denormal(device: torch.device | None) -> Iterator[None]:
         torch.set_flush_denormal(previous)
 
 
-def _rank() -> int:
-    return torch.distributed.get_rank() if _distributed() else 0
-
-
 def _state(model: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _batch_len(inputs: Any) -> int:
-    if isinstance(inputs, Tensor):
-        return int(inputs.shape[0])
-    values = inputs.values() if isinstance(inputs, Mapping) else inputs
-    for v in values:
-        if isinstance(v, Tensor) and v.dim():
-            return int(v.shape[0])
-    return 0
 
 
 def _out_of_time(elapsed: float, max_seconds: float | None, checks: list[DistillCheck]) -> bool:
@@ -658,7 +544,7 @@ def _out_of_time(elapsed: float, max_seconds: float | None, checks: list[Distill
 
 
 def _progress(total: int, enabled: bool) -> Any:
-    if not enabled or _rank() != 0:
+    if not enabled or rank() != 0:
         return None
     try:
         from tqdm.auto import tqdm

@@ -1,10 +1,11 @@
-"""Source adapters: read what defines a BatchNorm-family module's behaviour.
+"""What counts as a BatchNorm source, and how to read one: the source registry.
 
-Each BN flavour (``_BatchNorm`` and its subclasses, ``SyncBatchNorm``, torchvision's
-``FrozenBatchNorm2d``, ...) registers one small adapter that turns the module into a
-:class:`SourceNorm` record. Lookup walks the module's class hierarchy (MRO), so subclasses
-are found; a subclass that overrides ``forward`` is refused unless an adapter is
-registered for that exact class (its behaviour would otherwise be silently dropped).
+Each BN flavour registers one small adapter that turns a module into a :class:`SourceNorm`
+record. Lookup walks the module's class hierarchy (MRO), so subclasses are found; a subclass
+that overrides ``forward`` is refused unless an adapter is registered for that exact class (its
+behaviour would otherwise be silently dropped). The tracer, the planner, folding, calibration
+and the monitor all ask this registry, so a class added with :func:`register_source` is
+traced, planned, folded and monitored like the built-in ones.
 """
 
 from __future__ import annotations
@@ -14,14 +15,17 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from normswap.errors import SpecError, UnsupportedModuleError
+from normswap.errors import UnsupportedModuleError
+from normswap.registry import TypeRegistry
 
 __all__ = [
+    "SOURCES",
+    "Adapter",
     "SourceNorm",
     "describe_source",
+    "device_dtype",
     "find_source_adapter",
     "is_source_norm",
     "register_source",
@@ -50,6 +54,8 @@ class SourceNorm:
         dtype: floating dtype of its tensors.
         ranks: input ranks the class accepts (``(2, 3)`` for BatchNorm1d, ``(4,)`` for 2d);
             ``None`` when the class accepts any rank (SyncBatchNorm).
+        after: child modules the source applies after normalizing, in order, by name (e.g.
+            timm's ``drop`` and ``act``); a converted layer applies the same objects.
     """
 
     module: nn.Module
@@ -66,15 +72,23 @@ class SourceNorm:
     device: torch.device
     dtype: torch.dtype
     ranks: tuple[int, ...] | None
+    after: tuple[tuple[str, nn.Module], ...] = ()
 
     @property
     def affine(self) -> bool:
         """Whether the source has γ/β."""
         return self.weight is not None
 
+    @property
+    def has_statistics(self) -> bool:
+        """Whether the source holds running statistics (its eval mode is a fixed affine map)."""
+        return self.running_mean is not None and self.running_var is not None
+
 
 Adapter = Callable[[nn.Module], SourceNorm]
-_ADAPTERS: dict[type, Adapter] = {}
+
+#: The registered BatchNorm families: class -> adapter (looked up by MRO).
+SOURCES: TypeRegistry[Adapter] = TypeRegistry("BatchNorm source adapter")
 
 
 def register_source(*classes: type) -> Callable[[Adapter], Adapter]:
@@ -83,17 +97,23 @@ def register_source(*classes: type) -> Callable[[Adapter], Adapter]:
     Registering an adapter for a subclass that overrides ``forward`` is how a user says
     "I know what this module computes; converting it as a BatchNorm is right".
 
+    Raises:
+        SpecError: a class that already has an adapter.
+
     Example:
-        >>> @register_source(MyFusedBN)  # doctest: +SKIP
-        ... def _describe_fused(m):
-        ...     return describe_batchnorm(m)
+        >>> from normswap.sources.torch_bn import describe_batchnorm
+        >>> class ScaledBN(nn.BatchNorm2d):
+        ...     def forward(self, x):  # a fused op that computes exactly what BatchNorm2d does
+        ...         return super().forward(x)
+        >>> _ = register_source(ScaledBN)(describe_batchnorm)
+        >>> describe_source(ScaledBN(4)).num_channels
+        4
+        >>> _ = SOURCES.unregister(ScaledBN)
     """
 
     def decorator(fn: Adapter) -> Adapter:
         for cls in classes:
-            if cls in _ADAPTERS:
-                raise SpecError(f"a source adapter for {cls.__qualname__} is already registered")
-            _ADAPTERS[cls] = fn
+            SOURCES.register(cls, fn)
         return fn
 
     return decorator
@@ -103,10 +123,10 @@ def source_classes() -> tuple[type, ...]:
     """The classes that have a registered adapter (subclasses are found through them).
 
     Example:
-        >>> nn.BatchNorm2d in source_classes() or _BatchNorm in source_classes()
+        >>> nn.modules.batchnorm._BatchNorm in source_classes()
         True
     """
-    return tuple(_ADAPTERS)
+    return SOURCES.classes()
 
 
 def find_source_adapter(module: nn.Module) -> tuple[type, Adapter] | None:
@@ -116,10 +136,7 @@ def find_source_adapter(module: nn.Module) -> tuple[type, Adapter] | None:
         >>> find_source_adapter(nn.BatchNorm2d(4))[0].__name__
         '_BatchNorm'
     """
-    for cls in type(module).__mro__:
-        if cls in _ADAPTERS:
-            return cls, _ADAPTERS[cls]
-    return None
+    return SOURCES.match(module)
 
 
 def is_source_norm(module: nn.Module) -> bool:
@@ -129,7 +146,7 @@ def is_source_norm(module: nn.Module) -> bool:
         >>> is_source_norm(nn.BatchNorm1d(3)), is_source_norm(nn.GroupNorm(1, 3))
         (True, False)
     """
-    return find_source_adapter(module) is not None
+    return SOURCES.match(module) is not None
 
 
 def describe_source(module: nn.Module) -> SourceNorm:
@@ -143,7 +160,7 @@ def describe_source(module: nn.Module) -> SourceNorm:
         >>> describe_source(nn.BatchNorm2d(8, eps=1e-3)).eps
         0.001
     """
-    found = find_source_adapter(module)
+    found = SOURCES.match(module)
     if found is None:
         raise UnsupportedModuleError(f"{type(module).__name__} is not a BatchNorm-family module")
     registered, adapter = found
@@ -162,89 +179,14 @@ def describe_source(module: nn.Module) -> SourceNorm:
     return adapter(module)
 
 
-def _device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
+def device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Device and floating dtype of a module's own tensors (CPU and the default dtype if none).
+
+    Example:
+        >>> device_dtype(nn.BatchNorm1d(2).double())[1]
+        torch.float64
+    """
     for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
         if t.is_floating_point():
             return t.device, t.dtype
     return torch.device("cpu"), torch.get_default_dtype()
-
-
-_BN_RANKS: dict[type, tuple[int, ...] | None] = {
-    nn.BatchNorm1d: (2, 3),
-    nn.BatchNorm2d: (4,),
-    nn.BatchNorm3d: (5,),
-}
-
-
-def _ranks_of(module: nn.Module) -> tuple[int, ...] | None:
-    for cls in type(module).__mro__:
-        if cls in _BN_RANKS:
-            return _BN_RANKS[cls]
-    for lazy, ranks in (
-        (nn.LazyBatchNorm1d, (2, 3)),
-        (nn.LazyBatchNorm2d, (4,)),
-        (nn.LazyBatchNorm3d, (5,)),
-    ):
-        if isinstance(module, lazy):
-            return ranks
-    return None
-
-
-@register_source(_BatchNorm, nn.SyncBatchNorm)
-def describe_batchnorm(module: nn.Module) -> SourceNorm:
-    """Adapter for ``torch.nn`` BatchNorm flavours (1d/2d/3d, SyncBatchNorm, lazy).
-
-    Example:
-        >>> describe_batchnorm(nn.BatchNorm1d(5)).ranks
-        (2, 3)
-    """
-    assert isinstance(module, _BatchNorm)
-    device, dtype = _device_dtype(module)
-    weight = module.weight if module.affine else None
-    return SourceNorm(
-        module=module,
-        kind=type(module).__name__,
-        num_channels=int(module.num_features),
-        eps=float(module.eps),
-        momentum=module.momentum,
-        weight=weight,
-        bias=module.bias if module.affine else None,
-        running_mean=module.running_mean,
-        running_var=module.running_var,
-        training=module.training,
-        requires_grad=bool(weight is None or weight.requires_grad),
-        device=device,
-        dtype=dtype,
-        ranks=_ranks_of(module),
-    )
-
-
-def _register_torchvision() -> None:
-    try:
-        from torchvision.ops.misc import FrozenBatchNorm2d
-    except ImportError:  # torchvision is a dependency, but the core works without it
-        return
-
-    @register_source(FrozenBatchNorm2d)
-    def describe_frozen(module: nn.Module) -> SourceNorm:
-        """Adapter for torchvision's FrozenBatchNorm2d (buffers only, no num_features)."""
-        device, dtype = _device_dtype(module)
-        return SourceNorm(
-            module=module,
-            kind=type(module).__name__,
-            num_channels=int(module.weight.shape[0]),
-            eps=float(module.eps),
-            momentum=None,
-            weight=module.weight,
-            bias=module.bias,
-            running_mean=module.running_mean,
-            running_var=module.running_var,
-            training=module.training,
-            requires_grad=False,
-            device=device,
-            dtype=dtype,
-            ranks=(4,),
-        )
-
-
-_register_torchvision()

@@ -18,30 +18,27 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from normswap.calibrate import (
-    CalibrationError,
-    CalibrationReport,
-    _check_runs,
-    _device,
-    calibrate,
-    converted_layers,
-    input_batches,
+from normswap.errors import CalibrationError
+from normswap.inputs import (
+    BatchToInput,
+    call_model,
+    count_samples,
+    default_batch_to_input,
+    first_inputs,
+    model_device,
 )
-from normswap.distill import (
-    DistillCheck,
-    DistillReport,
-    Fidelity,
-    _flush_denormal,
-    distill,
-    fidelity,
-)
+from normswap.modes import restore_training_flags, training_flags
+from normswap.pretrained.calibrate import CalibrationReport, calibrate, check_runs
+from normswap.pretrained.distill import DistillCheck, DistillReport, distill, flush_denormal
+from normswap.pretrained.fidelity import Fidelity, fidelity
+from normswap.pretrained.structure import converted_layers
 from normswap.report import SwapReport
 from normswap.specs import NormSpec, get_spec
 from normswap.surgery import swap
@@ -58,7 +55,7 @@ class ConversionResult:
         calibration: the calibration report (``None`` when skipped).
         distillation: the distillation report (``None`` when skipped).
         fidelity: agreement with the original on the held-out inputs (``None`` without them).
-        seconds: wall time of the whole conversion.
+        seconds: time of the whole conversion, by the ``clock`` it was given.
 
     Example:
         >>> r = ConversionResult(SwapReport((), {"name": "gn"}), None, None, None, 0.0)
@@ -105,23 +102,22 @@ class ConversionResult:
         return "\n".join(parts)
 
 
-def _first_inputs(data: Any) -> Any:
-    if isinstance(data, Tensor):
-        return data[:1]
-    return input_batches(data, max_batches=1)[0]
-
-
-def _calibration_batches(data: Any, samples: int, batch_size: int) -> list[Any]:
+def _calibration_data(
+    data: Any, samples: int, batch_size: int, batch_to_input: BatchToInput
+) -> Any:
+    """The first ``samples`` samples of ``data``: tensor chunks, or the raw batches holding them."""
     if isinstance(data, Tensor):
         return list(data[:samples].split(batch_size))
-    batches: list[Any] = []
-    count = 0
-    for inputs in input_batches(data):
-        batches.append(inputs)
-        count += inputs.shape[0] if isinstance(inputs, Tensor) else 1
-        if count >= samples:
-            break
-    return batches
+
+    def batches() -> Iterator[Any]:
+        count = 0
+        for batch in data:
+            yield batch
+            count += count_samples(batch_to_input(batch))
+            if count >= samples:
+                return
+
+    return batches()
 
 
 def convert_pretrained(
@@ -141,6 +137,7 @@ def convert_pretrained(
     clock: Callable[[], float] = time.perf_counter,
     on_check: Callable[[DistillCheck, nn.Module], None] | None = None,
     progress: bool = True,
+    batch_to_input: BatchToInput = default_batch_to_input,
     **overrides: Any,
 ) -> ConversionResult:
     """Swap ``model``'s BatchNorms for ``spec`` and bring it back to its pretrained behaviour.
@@ -159,11 +156,13 @@ def convert_pretrained(
         model: the pretrained model, modified in place.
         spec: a spec or a registered name (``"gn"``, ``"ln"``, ``"in"``, ``"adalin"``, ``"wn"``...).
         data: unlabeled inputs for calibration and distillation: one tensor ``(N, ...)`` (best:
-            distillation then draws random batches) or a list / ``DataLoader`` of batches.
+            distillation then draws random batches) or an iterable of batches (a list, a
+            ``DataLoader``).
         budget: time budget in seconds for the whole conversion, measured by ``clock``.
-        val_data: held-out inputs to measure the fidelity reached (never trained on). Without
-            it, distillation holds out part of ``data`` for its early stopping and the result
-            has no fidelity.
+        val_data: held-out inputs: distillation's early stopping checks agreement on them (they
+            are never trained on) and the result's fidelity is measured on them. Without it,
+            distillation holds out part of ``data`` for its early stopping and the result has
+            no fidelity.
         calibrate_samples: samples of ``data`` used by calibration.
         batch_size: calibration and distillation batch size (when ``data`` is a tensor).
         distill_steps: the distillation schedule's length; ``None`` estimates what fits in the
@@ -176,6 +175,7 @@ def convert_pretrained(
             time, all threads), for ``budget``.
         on_check: passed to :func:`~normswap.distill.distill` (called at each agreement check).
         progress: show distillation's progress bar.
+        batch_to_input: maps a batch of an iterable to model inputs (:mod:`normswap.inputs`).
         **overrides: spec field overrides, e.g. ``num_groups=16``.
 
     Returns:
@@ -208,31 +208,34 @@ def convert_pretrained(
     ):
         raise CalibrationError(f"distill_steps must be an int >= 0 or None, got {distill_steps!r}")
 
-    flags = {path: m.training for path, m in model.named_modules(remove_duplicate=False)}
+    flags = training_flags(model)
+    first = first_inputs(
+        data,
+        batch_size=1,
+        batch_to_input=batch_to_input,
+        device=model_device(model),
+        what="conversion data",
+    )
     model.eval()
     try:
         reference = copy.deepcopy(model)
-        first = _first_inputs(data)
         with torch.no_grad():
-            _check_runs(reference, _move_like(first, model), "model")
+            check_runs(reference, first, "model", "conversion data")
         # One traced forward tells input ranks and, for weight norm, each BN's producer.
-        report = swap(
-            model,
-            the_spec,
-            include=include,
-            exclude=exclude,
-            example_inputs=_move_like(first, model),
-        )
+        report = swap(model, the_spec, include=include, exclude=exclude, example_inputs=first)
         layers = converted_layers(model, reference)
         calibration = distillation = None
         if layers:
             calibration = calibrate(
-                model, reference, _calibration_batches(data, calibrate_samples, batch_size)
+                model,
+                reference,
+                _calibration_data(data, calibrate_samples, batch_size, batch_to_input),
+                batch_to_input=batch_to_input,
             )
             left = budget - (clock() - start)
             steps = distill_steps
             if steps is None:
-                steps = _steps_that_fit(model, reference, data, batch_size, left, clock)
+                steps = _steps_that_fit(model, reference, data, first, batch_size, left, clock)
                 left = budget - (clock() - start)
             if steps > 0 and left > 0:
                 distillation = distill(
@@ -243,40 +246,26 @@ def convert_pretrained(
                     lr=lr,
                     batch_size=batch_size,
                     feature_weight=feature_weight,
-                    val_data=None,
+                    val_data=val_data,
                     max_seconds=left,
                     clock=clock,
                     on_check=on_check,
                     progress=progress,
+                    batch_to_input=batch_to_input,
                 )
         reached = None
         if val_data is not None:
-            reached = fidelity(model, reference, val_data)
+            reached = fidelity(model, reference, val_data, batch_to_input=batch_to_input)
     finally:
-        _restore_flags(model, flags)
-    return ConversionResult(report, calibration, distillation, reached, time.perf_counter() - start)
-
-
-def _restore_flags(model: nn.Module, flags: dict[str, bool]) -> None:
-    """Give each path its training flag back; a new module takes its predecessor's flag
-    (and a module new inside it, such as AdaLN's modulation, its parent's)."""
-    restored: dict[str, bool] = {}
-    for path, module in model.named_modules(remove_duplicate=False):
-        parent = path.rpartition(".")[0]
-        flag = flags.get(path, restored.get(parent, flags.get("", module.training)))
-        module.training = flag
-        restored[path] = flag
-
-
-def _move_like(inputs: Any, model: nn.Module) -> Any:
-    device = _device(model)
-    return input_batches(inputs, device=device)[0] if device is not None else inputs
+        restore_training_flags(model, flags)
+    return ConversionResult(report, calibration, distillation, reached, clock() - start)
 
 
 def _steps_that_fit(
     model: nn.Module,
     reference: nn.Module,
     data: Any,
+    first: Any,
     batch_size: int,
     seconds: float,
     clock: Callable[[], float],
@@ -285,19 +274,18 @@ def _steps_that_fit(
     (after a warm-up step)."""
     if seconds <= 0:
         return 0
-    inputs = data[:batch_size] if isinstance(data, Tensor) else _first_inputs(data)
-    inputs = _move_like(inputs, model)
+    inputs = data[:batch_size].to(model_device(model)) if isinstance(data, Tensor) else first
     params = [p for p in model.parameters() if p.requires_grad]
     saved = [p.grad for p in params]
 
     def step() -> None:
         with torch.no_grad():
-            reference(inputs)
-        out = model(inputs)
+            call_model(reference, inputs)
+        out = call_model(model, inputs)
         out.float().square().mean().backward()
 
-    with _flush_denormal(_device(model)):  # as distill() runs
-        step()  # warm-up: one timed first step over-estimated the step time by ~45%
+    with flush_denormal(model_device(model)):  # as distill() runs
+        step()  # warm-up: a timed first step over-estimates (benchmarks/NOTES.md)
         tick = clock()
         step()
         step()

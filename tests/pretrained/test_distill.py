@@ -1,4 +1,5 @@
-"""normswap.distill: self-distillation of a converted model back to its teacher, and fidelity."""
+"""normswap.pretrained.distill: self-distillation of a converted model back to its teacher, and
+fidelity."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ from helpers import REPO_ROOT, run_ddp_script, snapshot
 from torch import nn
 
 import normswap
-from normswap.calibrate import CalibrationError, calibrate
-from normswap.distill import DistillReport, Fidelity, distill, fidelity, hflip
+from normswap.errors import CalibrationError
+from normswap.pretrained.calibrate import calibrate
+from normswap.pretrained.distill import DistillReport, distill, hflip
+from normswap.pretrained.fidelity import Fidelity, fidelity
 
 
 def _teacher(seed: int = 0) -> nn.Module:
@@ -176,8 +179,8 @@ def test_hflip_flips_about_half():
 DDP_SCRIPT = textwrap.dedent(
     """
     import sys, torch, torch.distributed as dist, torch.multiprocessing as mp
-    sys.path.insert(0, {tests!r})
-    from normswap.distill import distill
+    sys.path[:0] = [{tests!r}, {here!r}]
+    from normswap.pretrained.distill import distill
     from test_distill import _teacher, _student, _inputs
 
     def worker(rank, init, out):
@@ -200,7 +203,9 @@ DDP_SCRIPT = textwrap.dedent(
 
 @pytest.mark.ddp
 def test_ddp_ranks_end_with_identical_parameters(tmp_path: Path):
-    ranks = run_ddp_script(DDP_SCRIPT.format(tests=str(REPO_ROOT / "tests")), tmp_path)
+    ranks = run_ddp_script(
+        DDP_SCRIPT.format(tests=str(REPO_ROOT / "tests"), here=str(Path(__file__).parent)), tmp_path
+    )
     assert ranks[0]["best"] == ranks[1]["best"]
     changed = False
     initial = _student(_teacher()).state_dict()

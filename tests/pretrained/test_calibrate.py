@@ -1,4 +1,5 @@
-"""normswap.calibrate: closed-form re-fitting of converted norms onto the reference BatchNorms."""
+"""normswap.pretrained.calibrate: closed-form re-fitting of converted norms onto the reference
+BatchNorms."""
 
 from __future__ import annotations
 
@@ -14,14 +15,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import normswap
-from normswap.calibrate import (
-    CalibrationError,
-    CalibrationReport,
-    calibrate,
-    converted_layers,
-    input_batches,
-)
-from normswap.errors import NormSwapError
+from normswap.errors import CalibrationError, NormSwapError
+from normswap.inputs import iter_inputs
+from normswap.pretrained.calibrate import CalibrationReport, calibrate
+from normswap.pretrained.structure import converted_layers
 
 
 class Tiny(nn.Module):
@@ -196,7 +193,7 @@ def test_data_forms_give_the_same_fit():
         results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     for r in results[1:]:
         torch.testing.assert_close(r, results[0])
-    one = input_batches(x)
+    one = list(iter_inputs(x))
     assert len(one) == 1 and one[0] is x
 
 
@@ -312,9 +309,9 @@ def test_real_mobilenet_v2_sanity(mobilenet_v2_checkpoint: Path, fashion_mnist_d
 DDP_SCRIPT = textwrap.dedent(
     """
     import sys, copy, torch, torch.distributed as dist, torch.multiprocessing as mp
-    sys.path.insert(0, {tests!r})
+    sys.path[:0] = [{tests!r}, {here!r}]
     import normswap
-    from normswap.calibrate import calibrate
+    from normswap.pretrained.calibrate import calibrate
     from test_calibrate import _reference, _data
 
     def worker(rank, init, out):
@@ -338,7 +335,9 @@ DDP_SCRIPT = textwrap.dedent(
 
 @pytest.mark.ddp
 def test_ddp_ranks_end_with_identical_parameters_fitted_to_all_ranks_data(tmp_path: Path):
-    ranks = run_ddp_script(DDP_SCRIPT.format(tests=str(REPO_ROOT / "tests")), tmp_path)
+    ranks = run_ddp_script(
+        DDP_SCRIPT.format(tests=str(REPO_ROOT / "tests"), here=str(Path(__file__).parent)), tmp_path
+    )
     for key, value in ranks[0]["state"].items():
         assert torch.equal(value, ranks[1]["state"][key]), key
     # Equal to one process calibrating on both ranks' data, batch by batch.

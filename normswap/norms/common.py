@@ -1,0 +1,167 @@
+"""What every layer of :mod:`normswap.norms` shares: input checks, memory-format helpers and
+the per-channel affine base class."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from normswap.errors import NormSwapError, SpecError
+
+__all__ = [
+    "CHANNELS_LAST",
+    "ChannelAffineNorm",
+    "is_positive_int",
+    "keep_memory_format",
+    "memory_format",
+    "refuse_input",
+    "spatial_numel",
+    "where",
+]
+
+#: The channels-last memory format of each input rank that has one.
+CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
+def is_positive_int(value: object) -> bool:
+    """Whether ``value`` is an ``int`` (not a ``bool``) above 0.
+
+    Example:
+        >>> is_positive_int(3), is_positive_int(True), is_positive_int(0)
+        (True, False, False)
+    """
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def where(module: nn.Module) -> str:
+    """The module's surgery path when known, else its class name (for error messages).
+
+    Example:
+        >>> where(nn.ReLU())
+        'ReLU'
+    """
+    return getattr(module, "normswap_path", "") or type(module).__name__
+
+
+def spatial_numel(x: Tensor) -> int:
+    """Number of elements of one channel of one sample (1 for ``(N, C)`` input).
+
+    Example:
+        >>> spatial_numel(torch.zeros(2, 3, 4, 5))
+        20
+    """
+    return math.prod(x.shape[2:])
+
+
+def refuse_input(module: nn.Module, x: Tensor, num_channels: int, min_dim: int) -> None:
+    """Raise for input of too low rank or with the wrong channel count, naming the module.
+
+    The layers test ``x.dim() < min_dim or x.shape[1] != num_channels`` inline and call this only
+    when it holds: a forward pass then costs two attribute reads, not a function call.
+
+    Example:
+        >>> refuse_input(nn.ReLU(), torch.zeros(2, 3), 4, min_dim=2)
+        Traceback (most recent call last):
+        ...
+        normswap.errors.NormSwapError: ReLU: ReLU was built for 4 channels but got input of ...
+    """
+    name = type(module).__name__
+    if x.dim() < min_dim:
+        layout = "(N, C)" if min_dim == 2 else "(N, C, *S) with at least one spatial dim"
+        raise NormSwapError(
+            f"{where(module)}: {name} expects input of shape {layout}, got shape "
+            f"{tuple(x.shape)}; add the missing batch/channel dims (e.g. x.unsqueeze(0))"
+        )
+    if x.shape[1] != num_channels:
+        raise NormSwapError(
+            f"{where(module)}: {name} was built for {num_channels} channels but got input of "
+            f"shape {tuple(x.shape)} ({x.shape[1]} channels in dim 1); the channel dim must be "
+            f"dim 1, as for BatchNorm"
+        )
+
+
+def memory_format(x: Tensor) -> torch.memory_format:
+    """The named memory format of ``x``: channels_last(_3d) when only that one fits.
+
+    Example:
+        >>> memory_format(torch.zeros(1, 3, 2, 2).to(memory_format=torch.channels_last))
+        torch.channels_last
+    """
+    if x.dim() in CHANNELS_LAST and not x.is_contiguous():
+        fmt = CHANNELS_LAST[x.dim()]
+        if x.is_contiguous(memory_format=fmt):
+            return fmt
+    return torch.contiguous_format
+
+
+def keep_memory_format(out: Tensor, like: Tensor) -> Tensor:
+    """Return ``out`` in ``like``'s memory format (a no-op when it already is).
+
+    Example:
+        >>> like = torch.zeros(1, 3, 2, 2).to(memory_format=torch.channels_last)
+        >>> keep_memory_format(torch.zeros(1, 3, 2, 2), like).is_contiguous()
+        False
+    """
+    return out.contiguous(memory_format=memory_format(like))
+
+
+class ChannelAffineNorm(nn.Module):
+    """Base of the norms with a per-channel affine ``weight``/``bias`` of shape ``(C,)``.
+
+    Holds ``num_channels``, ``eps``, ``affine``, ``weight`` and ``bias`` (``None`` when
+    ``affine=False``) with the same names and initialization as BatchNorm, so a converter can
+    move a BatchNorm's ``weight``/``bias`` across unchanged.
+
+    Example:
+        >>> norm = ChannelAffineNorm(4, eps=1e-3)
+        >>> norm.weight.shape, norm.eps
+        (torch.Size([4]), 0.001)
+    """
+
+    #: Module path set by the surgery so that forward-time errors can name the layer.
+    normswap_path: str = ""
+
+    def __init__(
+        self,
+        num_channels: int,
+        eps: float = 1e-5,
+        affine: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if not is_positive_int(num_channels):
+            raise SpecError(
+                f"{type(self).__name__}: num_channels must be a positive int, got {num_channels!r}"
+            )
+        if isinstance(eps, bool) or not isinstance(eps, int | float) or not eps >= 0:
+            raise SpecError(f"{type(self).__name__}: eps must be a float >= 0, got {eps!r}")
+        if not math.isfinite(eps):
+            raise SpecError(f"{type(self).__name__}: eps must be finite, got {eps!r}")
+        self.num_channels = num_channels
+        self.eps = float(eps)
+        self.affine = bool(affine)
+        self.weight: nn.Parameter | None
+        self.bias: nn.Parameter | None
+        if self.affine:
+            self.weight = nn.Parameter(torch.empty(num_channels, device=device, dtype=dtype))
+            self.bias = nn.Parameter(torch.empty(num_channels, device=device, dtype=dtype))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self._reset_affine()
+
+    def _reset_affine(self) -> None:
+        if self.weight is not None and self.bias is not None:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def reset_parameters(self) -> None:
+        """Reset ``weight`` to ones and ``bias`` to zeros (as BatchNorm does)."""
+        self._reset_affine()
+
+    def extra_repr(self) -> str:
+        """Describe the layer: channels, eps and affine."""
+        return f"{self.num_channels}, eps={self.eps}, affine={self.affine}"

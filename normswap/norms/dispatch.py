@@ -1,0 +1,114 @@
+"""Which group-norm kernel runs: the CPU layout detours, behind one switch.
+
+Every layer of :mod:`normswap.norms` normalizes through :func:`group_norm`. On CPU, PyTorch's
+group-norm kernel is slow for some shapes in one memory format and fast in the other; where
+``benchmarks/layer_overhead.py`` measured the detour faster, the input goes through a copy in
+the other layout and the output comes back in the input's memory format. The windows and the
+measurements behind them: ``benchmarks/NOTES.md`` ("Kernel dispatch").
+
+:func:`set_kernel_dispatch` turns the detours off (then every call is plain
+``torch.group_norm``), as timm's ``set_fast_norm`` does for its kernels. Values are the same
+either way up to float rounding; only the speed differs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from normswap.norms.common import CHANNELS_LAST, spatial_numel
+
+__all__ = ["group_norm", "kernel_dispatch_enabled", "set_kernel_dispatch"]
+
+_ENABLED = True
+
+#: channels_last input through a contiguous copy: channels per group -> (min, max) positions.
+VIA_CONTIGUOUS_POSITIONS: dict[int, tuple[int, int | None]] = {
+    1: (16, None),
+    2: (16, 1023),
+    3: (16, 1023),
+    4: (16, 1023),
+}
+
+#: contiguous input through a channels_last copy, under autograd (the slow contiguous backward):
+#: (min channels per group, min positions, max positions); the first match wins.
+VIA_CHANNELS_LAST_POSITIONS: tuple[tuple[int, int, int], ...] = ((8, 2, 7), (4, 4, 7))
+
+
+def set_kernel_dispatch(enabled: bool) -> None:
+    """Turn the CPU layout detours of :func:`group_norm` on (the default) or off.
+
+    Example:
+        >>> set_kernel_dispatch(False); kernel_dispatch_enabled()
+        False
+        >>> set_kernel_dispatch(True)
+    """
+    global _ENABLED
+    if not isinstance(enabled, bool):
+        raise TypeError(f"set_kernel_dispatch takes True or False, got {enabled!r}")
+    _ENABLED = enabled
+
+
+def kernel_dispatch_enabled() -> bool:
+    """Whether :func:`group_norm` may take a CPU layout detour.
+
+    Example:
+        >>> kernel_dispatch_enabled()
+        True
+    """
+    return _ENABLED
+
+
+def slow_contiguous_backward(x: Tensor, groups: int, weight: Tensor | None) -> bool:
+    """Whether contiguous CPU ``x`` would hit the slow contiguous GroupNorm backward.
+
+    Example:
+        >>> slow_contiguous_backward(torch.zeros(8, 512, 2, 2, requires_grad=True), 32, None)
+        True
+    """
+    if x.dim() not in CHANNELS_LAST or x.dtype is not torch.float32:  # measured: fp32
+        return False
+    if not (x.requires_grad or (weight is not None and weight.requires_grad)):
+        return False
+    if not torch.is_grad_enabled():
+        return False
+    positions, per_group = spatial_numel(x), x.shape[1] // groups
+    for min_channels, low, high in VIA_CHANNELS_LAST_POSITIONS:
+        if per_group >= min_channels:
+            return low <= positions <= high
+    return False
+
+
+def group_norm(
+    x: Tensor, groups: int, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> Tensor:
+    """``torch.group_norm`` by the faster CPU kernel for ``x``'s layout, in ``x``'s format.
+
+    Calls the op ``F.group_norm`` wraps directly: the wrapper's Python checks cost measurably
+    at the small maps of late CNN stages, and the layers check their input themselves.
+
+    Example:
+        >>> group_norm(torch.randn(2, 8, 4, 4), 4, None, None, 1e-5).shape
+        torch.Size([2, 8, 4, 4])
+    """
+    if not _ENABLED or not x.is_cpu:
+        out = torch.group_norm(x, groups, weight, bias, eps)
+        fmt = CHANNELS_LAST.get(x.dim())
+        if fmt is not None and not x.is_contiguous() and x.is_contiguous(memory_format=fmt):
+            return out.contiguous(memory_format=fmt)
+        return out
+    if x.is_contiguous():
+        if slow_contiguous_backward(x, groups, weight):
+            fmt = CHANNELS_LAST[x.dim()]
+            out = torch.group_norm(x.contiguous(memory_format=fmt), groups, weight, bias, eps)
+            return out.contiguous()
+        return torch.group_norm(x, groups, weight, bias, eps)
+    fmt = CHANNELS_LAST.get(x.dim(), torch.contiguous_format)
+    if fmt is torch.contiguous_format or not x.is_contiguous(memory_format=fmt):
+        return torch.group_norm(x, groups, weight, bias, eps)  # any other strides: contiguous out
+    window = VIA_CONTIGUOUS_POSITIONS.get(x.shape[1] // groups)
+    if window is not None:
+        positions, (low, high) = spatial_numel(x), window
+        if positions >= low and (high is None or positions <= high):
+            x = x.contiguous()
+    return torch.group_norm(x, groups, weight, bias, eps).contiguous(memory_format=fmt)

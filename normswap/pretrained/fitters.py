@@ -1,0 +1,162 @@
+"""Calibration fitters: a per-channel linear model of a converted layer's output.
+
+:func:`normswap.calibrate` fits each converted layer's free per-channel parameters by least
+squares; a :class:`Fitter` tells it how the layer's output depends on them. Each norm family
+registers the fitter of its layers (:func:`normswap.register_family`); this module holds the
+base class, the generic :class:`AffineFitter` and the registry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from normswap.errors import CalibrationError
+from normswap.registry import TypeRegistry
+
+__all__ = [
+    "FITTERS",
+    "AffineFitter",
+    "Fitter",
+    "evaluate_with",
+    "find_fitter",
+    "layer_affine",
+    "register_fitter",
+]
+
+
+class Fitter:
+    """How to fit one family of converted layers: a per-channel linear model of its output.
+
+    A fitter describes the layer's output as ``y = offset + Σ_k coef[c, k] · basis_k``: each
+    basis has the output's shape (``None`` stands for the constant 1, the usual basis of a
+    bias), ``coef`` has shape ``(C, K)``, and the fitter maps ``coef`` to and from the layer's
+    parameters. Subclasses implement :meth:`basis`, :meth:`coefficients` and :meth:`assign`;
+    :func:`register_fitter` makes them known.
+
+    Attributes:
+        params: names of the parameters the fitter sets, for the report.
+    """
+
+    params: tuple[str, ...] = ()
+
+    def basis(self, module: nn.Module, x: Tensor) -> tuple[Tensor | None, list[Tensor | None]]:
+        """Return ``(offset or None, [basis_1, ..., basis_K])`` for input ``x``."""
+        raise NotImplementedError
+
+    def coefficients(self, module: nn.Module) -> Tensor:
+        """The module's current parameters as ``coef`` of shape ``(C, K)``."""
+        raise NotImplementedError
+
+    def assign(self, module: nn.Module, coef: Tensor, gram: Tensor, rhs: Tensor) -> Tensor:
+        """Set the parameters from the least-squares ``coef`` (shape ``(C, K)``).
+
+        ``gram`` (``(C, K, K)``) and ``rhs`` (``(C, K)``) are the normal equations, for fitters
+        that must re-solve under a constraint. Returns the ``coef`` actually assigned.
+        """
+        raise NotImplementedError
+
+
+def evaluate_with(module: nn.Module, values: Mapping[str, Tensor], x: Tensor) -> Tensor:
+    """``module.forward(x)`` with some parameters temporarily set to ``values`` (no hooks run)."""
+    saved = {name: getattr(module, name).detach().clone() for name in values}
+    try:
+        with torch.no_grad():
+            for name, value in values.items():
+                getattr(module, name).copy_(value)
+            return module.forward(x)
+    finally:
+        with torch.no_grad():
+            for name, value in saved.items():
+                getattr(module, name).copy_(value)
+
+
+def layer_affine(module: nn.Module) -> tuple[Tensor, Tensor]:
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    if not isinstance(weight, Tensor) or not isinstance(bias, Tensor):
+        raise CalibrationError(
+            f"{type(module).__name__} has no affine weight/bias to calibrate (affine=False): "
+            "convert with an affine target or exclude this layer"
+        )
+    return weight, bias
+
+
+class AffineFitter(Fitter):
+    """Layers computing ``weight[c] · x̂ + bias[c]`` from a normalized ``x̂``.
+
+    GroupNorm, LayerNorm, LayerNorm2d, InstanceNorm (batch or running statistics) and
+    ``torch.nn.GroupNorm``. The basis ``x̂`` is the module's own output with weight 1 and bias
+    0 (one extra forward of the layer).
+
+    Example:
+        >>> offset, (xhat, ones) = AffineFitter().basis(nn.GroupNorm(2, 4), torch.randn(2, 4, 3, 3))
+        >>> offset, xhat.shape, ones
+        (None, torch.Size([2, 4, 3, 3]), None)
+    """
+
+    params = ("weight", "bias")
+
+    def basis(self, module: nn.Module, x: Tensor) -> tuple[Tensor | None, list[Tensor | None]]:
+        """Return ``(None, [x̂, 1])``."""
+        weight, _ = layer_affine(module)
+        xhat = evaluate_with(
+            module, {"weight": torch.ones_like(weight), "bias": torch.zeros_like(weight)}, x
+        )
+        return None, [xhat, None]
+
+    def coefficients(self, module: nn.Module) -> Tensor:
+        """``(weight, bias)`` as ``(C, 2)``."""
+        weight, bias = layer_affine(module)
+        return torch.stack([weight.detach(), bias.detach()], dim=1)
+
+    def assign(self, module: nn.Module, coef: Tensor, gram: Tensor, rhs: Tensor) -> Tensor:
+        """Copy ``coef[:, 0]`` into ``weight`` and ``coef[:, 1]`` into ``bias`` in place."""
+        weight, bias = layer_affine(module)
+        with torch.no_grad():
+            weight.copy_(coef[:, 0])
+            bias.copy_(coef[:, 1])
+        return coef
+
+
+#: Layer classes -> the fitter of their family (looked up by MRO). Norm families register their
+#: layers' fitter with :func:`normswap.register_family`; :func:`register_fitter` adds one for a
+#: layer of your own.
+FITTERS: TypeRegistry[Fitter] = TypeRegistry("calibration fitter")
+
+
+def register_fitter(*classes: type) -> Callable[[type[Fitter]], type[Fitter]]:
+    """Class decorator: use this :class:`Fitter` for ``classes`` and their subclasses.
+
+    Lookup walks the layer's MRO, so the most specific registration wins.
+
+    Raises:
+        SpecError: a class that already has a fitter.
+
+    Example:
+        >>> class MyNorm(nn.GroupNorm): ...
+        >>> @register_fitter(MyNorm)
+        ... class MyFitter(AffineFitter): ...
+        >>> type(find_fitter(MyNorm(2, 4))).__name__
+        'MyFitter'
+        >>> _ = FITTERS.unregister(MyNorm)
+    """
+
+    def decorator(cls: type[Fitter]) -> type[Fitter]:
+        fitter = cls()
+        for c in classes:
+            FITTERS.register(c, fitter)
+        return cls
+
+    return decorator
+
+
+def find_fitter(module: nn.Module) -> Fitter | None:
+    """The fitter registered for ``module``'s class or its nearest base class, or ``None``.
+
+    Example:
+        >>> type(find_fitter(nn.GroupNorm(2, 4))).__name__, find_fitter(nn.ReLU())
+        ('AffineFitter', None)
+    """
+    return FITTERS.lookup(module)

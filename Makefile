@@ -18,8 +18,8 @@ PIP_INSTALL_FLAGS := $(if $(CI),--progress-bar off,)
 # puts the MobileNetV2 checkpoint there, so tests and the demo never download anything.
 export TORCH_HOME ?= $(CURDIR)/.cache/torch
 
-.PHONY: help venv assets lint format test demo demo-pretrained bench bench-grid bench-fidelity clean \
-	distclean
+.PHONY: help venv assets lint format test fuzz demo demo-pretrained bench bench-grid bench-fidelity \
+	clean distclean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -84,3 +84,10 @@ clean: ## remove build outputs and caches (keeps .venv and downloaded assets)
 
 distclean: clean ## also remove .venv and .cache (the next `make test` sets everything up again)
 	rm -rf $(VENV) .cache
+
+# The long property run of tests/property (Hypothesis): FUZZ_EXAMPLES random networks and swap
+# arguments, found examples kept in .cache/hypothesis; SEED=n replays one search.
+FUZZ_EXAMPLES ?= 20000
+fuzz: venv ## fuzz normswap.swap with random tiny networks (FUZZ_EXAMPLES=20000, SEED=n)
+	NORMSWAP_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(VENV)/bin/pytest tests/property \
+	  --hypothesis-show-statistics $(if $(SEED),--hypothesis-seed=$(SEED)) $(PYTEST_ARGS)

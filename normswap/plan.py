@@ -9,6 +9,7 @@ all. A valid plan is executed by :func:`normswap.surgery.apply`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from normswap.errors import NormSwapError, SwapError, UnsupportedModuleError
 from normswap.families import (
@@ -29,7 +31,7 @@ from normswap.families import (
     get_family,
 )
 from normswap.families.base import new_requires_grad
-from normswap.graph import graph_facts
+from normswap.graph import NormFacts, graph_facts
 from normswap.graph.rules import parameter_owners
 from normswap.report import FOLD, SKIP, SwapRecord, SwapReport
 from normswap.sources import SourceNorm, describe_source, is_source_norm, source_classes
@@ -40,7 +42,13 @@ __all__ = ["NormStep", "Plan", "check_model", "module_paths", "plan"]
 
 @dataclass(frozen=True)
 class NormStep:
-    """The planned fate of one BatchNorm-family module instance (at all its paths)."""
+    """The planned fate of one BatchNorm-family module instance (at all its paths).
+
+    Example:
+        >>> bn = nn.BatchNorm2d(8)
+        >>> plan(nn.Sequential(bn, bn), "ln").norm_steps[0].paths
+        ('0', '1')
+    """
 
     module: nn.Module
     paths: tuple[str, ...]
@@ -80,6 +88,11 @@ class Plan:
         norm_steps: one step per BatchNorm-family module instance.
         layer_steps: changes to other layers (weight norm, weight standardization).
         notes: model-level remarks for the report.
+
+    Example:
+        >>> p = plan(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)), "gn", num_groups=4)
+        >>> [(s.paths, s.decision.groups) for s in p.norm_steps]
+        [(('1',), 4)]
     """
 
     spec: NormSpec
@@ -168,6 +181,58 @@ def _patterns(value: str | Iterable[str] | None, name: str) -> tuple[str, ...] |
     return pats
 
 
+def _scripted_norms(
+    modules: list[tuple[nn.Module, list[str]]],
+    inc: tuple[str, ...] | None,
+    exc: tuple[str, ...],
+    strict: bool,
+) -> list[tuple[str, str]]:
+    """Problems for TorchScript submodules holding a BatchNorm normswap cannot replace: a
+    selected one, or any one under ``strict`` (which refuses every BatchNorm left)."""
+    names = {cls.__name__ for cls in _subclasses(source_classes())}
+    problems = []
+    for module, paths in modules:
+        if not isinstance(module, torch.jit.ScriptModule) or not paths[0]:
+            continue
+        for inner, inner_module in module.named_modules():
+            kind = getattr(inner_module, "original_name", "")
+            full = [f"{p}.{inner}" if inner else p for p in paths]
+            if kind in names and (strict or _selected(full, inc, exc)):
+                problems.append(
+                    (
+                        full[0],
+                        f"{kind} inside the TorchScript module {paths[0]!r}, where no module can "
+                        "be replaced: convert the eager module, then script it, or exclude it",
+                    )
+                )
+    return problems
+
+
+def _subclasses(classes: tuple[type, ...]) -> set[type]:
+    found: set[type] = set()
+    stack = list(classes)
+    while stack:
+        cls = stack.pop()
+        if cls not in found:
+            found.add(cls)
+            stack.extend(cls.__subclasses__())
+    return found
+
+
+def _with_model_dtype(src: SourceNorm, model: nn.Module, traced: NormFacts | None) -> SourceNorm:
+    """A source with no floating tensor of its own takes the dtype of its traced input, else
+    the model's first floating tensor's device and dtype."""
+    own = [*src.module.parameters(recurse=False), *src.module.buffers(recurse=False)]
+    if any(t.is_floating_point() for t in own):
+        return src
+    if traced is not None and traced.input_dtype is not None:
+        return dataclasses.replace(src, dtype=traced.input_dtype)
+    for t in (*model.parameters(), *model.buffers()):
+        if t.is_floating_point():
+            return dataclasses.replace(src, device=t.device, dtype=t.dtype)
+    return src
+
+
 def _inside(path: str, prefixes: set[str]) -> bool:
     """Whether ``path`` is strictly inside one of ``prefixes`` (module paths).
 
@@ -239,6 +304,7 @@ def plan(
             notes.append(f"exclude pattern {pat!r} matches no module")
 
     sources = [(m, paths) for m, paths in all_modules if is_source_norm(m)]
+    problems += _scripted_norms(all_modules, inc, exc, strict)
     if not sources:
         notes.append("the model holds no BatchNorm-family module: no norm to convert")
     if any(paths[0] == "" for _, paths in sources):
@@ -249,10 +315,21 @@ def plan(
     facts = None
     selected = [(m, paths) for m, paths in sources if _selected(paths, inc, exc)]
     if example_inputs is not None or (selected and target.needs_graph(spec)):
-        try:
-            facts = graph_facts(model, example_inputs, norm_types=source_classes())
-        except NormSwapError as err:
-            problems.append(("<trace>", str(err)))
+        lazy = [paths[0] for m, paths in all_modules if isinstance(m, LazyModuleMixin)]
+        if example_inputs is not None and lazy:
+            # A traced forward would initialize them: the plan would change the model.
+            problems.append(
+                (
+                    "<trace>",
+                    f"uninitialized lazy module(s) {', '.join(lazy[:5])}: tracing with "
+                    "example_inputs would initialize them; run one forward pass first",
+                )
+            )
+        else:
+            try:
+                facts = graph_facts(model, example_inputs, norm_types=source_classes())
+            except NormSwapError as err:
+                problems.append(("<trace>", str(err)))
     owners = parameter_owners(model)
     folded_into: dict[str, str] = {}
 
@@ -265,7 +342,8 @@ def plan(
             norm_steps.append(NormStep(module, tuple(paths), None, decision))
             continue
         try:
-            src = describe_source(module)
+            traced = facts.norms.get(paths[0]) if facts is not None else None
+            src = _with_model_dtype(describe_source(module), model, traced)
         except NormSwapError as err:
             problems.append((paths[0], str(err)))
             continue

@@ -35,6 +35,10 @@ class SwapRecord:
         aliases: other paths of the same (shared) module instance.
         frozen: whether the new parameters are frozen (``requires_grad=False``).
         into: for ``fold``, the path of the conv/linear it was folded into.
+
+    Example:
+        >>> normswap.swap(nn.Sequential(nn.BatchNorm2d(45)), "gn")[0].note
+        '32 groups do not divide 45 channels; using 15'
     """
 
     path: str

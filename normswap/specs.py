@@ -108,16 +108,38 @@ def spec_from_dict(data: dict[str, Any]) -> NormSpec:
 
 
 def check_eps(eps: float | None) -> None:
+    """Refuse an ``eps`` that is not ``None`` or a positive number (for spec authors).
+
+    Example:
+        >>> check_eps(0.0)
+        Traceback (most recent call last):
+        ...
+        normswap.errors.SpecError: eps must be a positive number or None (keep the source's), ...
+    """
     if eps is not None and (not isinstance(eps, (int, float)) or not eps > 0):
         raise SpecError(f"eps must be a positive number or None (keep the source's), got {eps!r}")
 
 
 def check_choice(field_name: str, value: Any, choices: tuple[str, ...]) -> None:
+    """Refuse a ``value`` of field ``field_name`` that is not one of ``choices``.
+
+    Example:
+        >>> check_choice("policy", "round", ("divisor", "error"))
+        Traceback (most recent call last):
+        ...
+        normswap.errors.SpecError: policy must be one of divisor, error; got 'round'
+    """
     if value not in choices:
         raise SpecError(f"{field_name} must be one of {', '.join(choices)}; got {value!r}")
 
 
 def check_positive_int(field_name: str, value: Any, *, optional: bool = False) -> None:
+    """Refuse a ``value`` of field ``field_name`` that is not a positive ``int`` (``None`` is
+    allowed when ``optional``).
+
+    Example:
+        >>> check_positive_int("num_groups", None, optional=True)
+    """
     if value is None and optional:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -133,6 +155,11 @@ class NormSpec:
             EfficientNet, MobileNetV3, ...), which a pretrained model needs.
         trainable: ``None`` carries each source's ``requires_grad`` over (a frozen BN
             becomes a frozen norm); ``True``/``False`` forces it for the new parameters.
+
+    Example:
+        >>> spec = get_spec("ln", eps=1e-6)
+        >>> isinstance(spec, NormSpec), spec.to_dict()
+        (True, {'name': 'ln', 'eps': 1e-06, 'trainable': None})
     """
 
     name: ClassVar[str] = ""

@@ -40,6 +40,30 @@ def set_module(model: nn.Module, path: str, new: nn.Module) -> None:
     parent._modules[name] = new
 
 
+#: The hook tables a replacement takes over from the module it replaces.
+_HOOKS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+)
+
+
+def _take_hooks(old: nn.Module, new: nn.Module) -> None:
+    """Give ``new`` the forward/backward hooks registered on ``old``: the same tables, so the
+    handles the user holds still remove them. ``old`` itself is not changed."""
+    if not any(getattr(old, name, None) for name in _HOOKS):
+        return
+    for name in _HOOKS:
+        if name in vars(old) and not getattr(new, name, None):
+            vars(new)[name] = vars(old)[name]
+    if getattr(old, "_is_full_backward_hook", None) is not None:
+        new._is_full_backward_hook = old._is_full_backward_hook
+
+
 def _check_plan_fits(model: nn.Module, the_plan: Plan) -> None:
     """Refuse a plan made for another model, or for this one before it changed."""
     stale = []
@@ -99,6 +123,7 @@ def apply(model: nn.Module, the_plan: Plan) -> SwapReport:
             new = target.build(norm_step.source, spec, norm_step.decision)
             if hasattr(type(new), "normswap_path"):
                 new.normswap_path = norm_step.paths[0]
+            _take_hooks(norm_step.module, new)
             built.append((norm_step.paths, new))
         for norm_step, producer in zip(folds, producers, strict=True):
             step = f"folding {norm_step.paths[0]} into {norm_step.decision.into}"

@@ -51,7 +51,7 @@ class AdaLINTarget(ChannelNormTarget):
     """
 
     def __init__(self) -> None:
-        super().__init__(AdaLIN, needs_spatial=True)
+        super().__init__(AdaLIN, "instance")
 
     def extra_kwargs(self, src: SourceNorm, spec: NormSpec) -> dict[str, Any]:
         """``rho_init`` from the spec."""

@@ -74,6 +74,10 @@ class NormContext:
             ``None`` when not traced.
         model: the model being planned (to look producers up by path).
         owners: :func:`normswap.graph.rules.parameter_owners` of the model.
+
+    Example:
+        >>> NormContext("layer1.0.bn1", rank=4, spatial=64).rank
+        4
     """
 
     path: str
@@ -92,6 +96,10 @@ class PlanContext:
         model: the model being planned.
         owners: :func:`normswap.graph.rules.parameter_owners` of the model.
         decisions: every planned norm, by canonical path: ``(source, decision)``.
+
+    Example:
+        >>> PlanContext(nn.Identity(), owners={}, decisions={}).decisions
+        {}
     """
 
     model: nn.Module
@@ -105,6 +113,10 @@ class Decision:
 
     Exactly one of: a valid action (``replace``/``fold``/``remove``/``skip``) or a
     ``problem`` that makes the whole plan invalid.
+
+    Example:
+        >>> Decision("replace", "GroupNorm", groups=32, eps=1e-5).problem is None
+        True
     """
 
     action: str
@@ -119,7 +131,12 @@ class Decision:
 
 @dataclass(frozen=True)
 class LayerStep:
-    """A change to a non-norm layer (weight norm, standardization), or why it is skipped."""
+    """A change to a non-norm layer (weight norm, standardization), or why it is skipped.
+
+    Example:
+        >>> LayerStep(nn.Conv2d(3, 8, 3), ("conv1",), "weight_norm").kind
+        'Conv2d'
+    """
 
     module: nn.Module
     paths: tuple[str, ...]
@@ -140,6 +157,14 @@ class Target:
     ``decide`` and ``plan_layers`` must find every problem (a plan they accept is executed
     without a :class:`~normswap.errors.NormSwapError`); ``build`` creates new modules only and
     ``apply_layer`` changes only the layer of its step, never an existing tensor's values.
+
+    Example:
+        >>> from normswap.sources import describe_source
+        >>> target = get_family("ln").target
+        >>> src = describe_source(nn.BatchNorm2d(8))
+        >>> decision = target.decide(src, normswap.get_spec("ln"), NormContext("bn", 4))
+        >>> type(target.build(src, normswap.get_spec("ln"), decision)).__name__
+        'LayerNorm'
     """
 
     name: str = ""

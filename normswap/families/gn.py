@@ -23,6 +23,7 @@ from normswap.families.base import (
     new_eps,
     register_family,
 )
+from normswap.graph.rules import statistics_problem
 from normswap.norms import GroupNorm, resolve_groups
 from normswap.pretrained.fitters import AffineFitter
 from normswap.sources import SourceNorm
@@ -81,15 +82,11 @@ class GroupNormTarget(Target):
             )
         except NormSwapError as err:
             return Decision(REPLACE, "GroupNorm", problem=str(err))
-        if ctx.rank == 2 and src.num_channels // groups == 1:
-            return Decision(
-                REPLACE,
-                "GroupNorm",
-                problem=(
-                    f"{groups} groups of {src.num_channels} channels on an (N, C) input put one "
-                    "value in each group: the output would be constant; use 'ln' or fewer groups"
-                ),
-            )
+        problem, _ = statistics_problem(
+            "GroupNorm", src, ctx.rank, ctx.spatial, channels=src.num_channels // groups
+        )
+        if problem:
+            return Decision(REPLACE, "GroupNorm", problem=f"{problem} (or fewer groups)")
         return Decision(REPLACE, "GroupNorm", groups=groups, eps=new_eps(src, spec), note=note)
 
     def build(self, src: SourceNorm, spec: NormSpec, decision: Decision) -> nn.Module:

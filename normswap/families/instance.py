@@ -51,7 +51,7 @@ class InstanceNormTarget(ChannelNormTarget):
     """
 
     def __init__(self) -> None:
-        super().__init__(InstanceNorm, needs_spatial=True)
+        super().__init__(InstanceNorm, "instance")
 
     def extra_kwargs(self, src: SourceNorm, spec: NormSpec) -> dict[str, Any]:
         """``momentum`` and ``track_running_stats`` from the spec."""

@@ -30,7 +30,7 @@ FAMILY = register_family(
     Family(
         "ln",
         LayerNormSpec,
-        ChannelNormTarget(LayerNorm),
+        ChannelNormTarget(LayerNorm, "layer"),
         layers=(LayerNorm,),
         fitter=AffineFitter(),
         also_monitor=(nn.LayerNorm,),  # a transformer's LN normalizes each token: also "ln"

@@ -36,7 +36,7 @@ FAMILY = register_family(
     Family(
         "ln2d",
         LayerNorm2dSpec,
-        ChannelNormTarget(LayerNorm2d),
+        ChannelNormTarget(LayerNorm2d, "channels"),
         layers=(LayerNorm2d,),
         fitter=AffineFitter(),
         also_monitor=_torchvision_layer_norm_2d(),  # ConvNeXt's, a subclass of nn.LayerNorm

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from torch import nn
 
@@ -16,7 +16,7 @@ from normswap.families.base import (
     factory,
     new_eps,
 )
-from normswap.graph.rules import rank_problem
+from normswap.graph.rules import statistics_problem
 from normswap.sources import SourceNorm
 from normswap.specs import NormSpec
 
@@ -25,28 +25,39 @@ __all__ = ["ChannelNormTarget"]
 
 class ChannelNormTarget(Target):
     """A target whose layer takes ``(C, eps=, affine=, device=, dtype=)`` plus
-    :meth:`extra_kwargs`; with ``needs_spatial`` it refuses norms without spatial positions.
+    :meth:`extra_kwargs`, refusing norms where the layer's statistics would span one value.
+
+    ``statistics`` says what they span: ``"instance"`` the positions of one channel (IN,
+    AdaLIN), ``"layer"`` every channel and position (LN, AdaLN), ``"channels"`` every channel at
+    one position (LayerNorm2d).
 
     Example:
         >>> from normswap.sources import describe_source
         >>> from normswap.norms import LayerNorm
-        >>> target = ChannelNormTarget(LayerNorm)
+        >>> target = ChannelNormTarget(LayerNorm, "layer")
         >>> target.decide(describe_source(nn.BatchNorm2d(4)), normswap.get_spec("ln"),
         ...               NormContext("bn", 4)).target
         'LayerNorm'
     """
 
-    def __init__(self, layer: type[nn.Module], *, needs_spatial: bool = False) -> None:
+    def __init__(
+        self, layer: type[nn.Module], statistics: Literal["instance", "layer", "channels"]
+    ) -> None:
         self.layer = layer
-        self.needs_spatial = needs_spatial
+        self.statistics = statistics
 
     def decide(self, src: SourceNorm, spec: NormSpec, ctx: NormContext) -> Decision:
         """Replace ``src`` (keeping its eps unless the spec sets one), or refuse a rank."""
-        note = None
-        if self.needs_spatial:
-            problem, note = rank_problem(self.layer.__name__, src, ctx.rank, ctx.spatial)
-            if problem:
-                return Decision(REPLACE, self.layer.__name__, problem=problem)
+        problem, note = statistics_problem(
+            self.layer.__name__,
+            src,
+            ctx.rank,
+            ctx.spatial,
+            channels=None if self.statistics == "instance" else src.num_channels,
+            positions=self.statistics != "channels",
+        )
+        if problem:
+            return Decision(REPLACE, self.layer.__name__, problem=problem)
         return Decision(REPLACE, self.layer.__name__, eps=new_eps(src, spec), note=note)
 
     def extra_kwargs(self, src: SourceNorm, spec: NormSpec) -> dict[str, Any]:

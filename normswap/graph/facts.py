@@ -8,6 +8,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
+import torch
+
 __all__ = ["GraphFacts", "NormFacts"]
 
 
@@ -34,6 +36,7 @@ class NormFacts:
         other_uses: the uses of the producer's output besides this norm, described (``None``:
             none seen).
         origin: where the norm's input came from when no single conv/linear produced it.
+        input_dtype: the dtype of its input (``None`` when not recorded).
 
     Example:
         >>> from normswap.graph.record import trace
@@ -57,6 +60,7 @@ class NormFacts:
     producer_paths: tuple[str, ...] = ()
     other_uses: str | None = None
     origin: str | None = None
+    input_dtype: torch.dtype | None = None
 
 
 @dataclass(frozen=True, eq=False)

@@ -58,6 +58,7 @@ class _Call:
     node: Node | None
     output_nr: int
     requires_grad: bool
+    dtype: torch.dtype | None = None
     out_nodes: tuple[Node, ...] = ()
 
 
@@ -314,6 +315,7 @@ def trace(
                 node=None if x is None else x.grad_fn,
                 output_nr=0 if x is None else x.output_nr,
                 requires_grad=x is not None and x.requires_grad,
+                dtype=None if x is None else x.dtype,
             )
         )
 
@@ -367,6 +369,7 @@ def trace(
         owner=owner,
         consumers=_consumers(roots, set(owner)),
         reads=watcher.reads,
+        outputs=frozenset((t.grad_fn, t.output_nr) for t in tensors(outputs) if t.grad_fn),
     )
 
     owners = parameter_owners(model)
@@ -398,6 +401,7 @@ def trace(
             if producer is not None and len(calls) == 1
             else None,
             origin=None if producer is not None else _origin(calls, recording),
+            input_dtype=next((c.dtype for c in calls if c.dtype is not None), None),
         )
         problems = fold_problems(
             _source(norm),
@@ -427,6 +431,7 @@ class _Recording:
     owner: Mapping[tuple[Node, int], int]  # producer output -> producer id
     consumers: Mapping[tuple[Node, int], list[Node]]  # producer output -> autograd users
     reads: Mapping[tuple[Node, int], list[str]]  # producer output -> ops reading it outside norms
+    outputs: frozenset[tuple[Node, int]]  # the model outputs' (node, output_nr)
 
 
 def _common_producer(calls: list[_Call], owner: Mapping[tuple[Node, int], int]) -> int | None:
@@ -439,6 +444,8 @@ def _other_uses(call: _Call, rec: _Recording) -> str | None:
     """Describe the uses of the norm's input (a producer output) other than the norm itself."""
     assert call.node is not None  # a producer was found, so the input has a node
     key = (call.node, call.output_nr)
+    if key in rec.outputs:
+        return "returned as a model output, which folding would change"
     users = rec.consumers.get(key, [])
     own = set(call.out_nodes)
     if any(u not in own for u in users):  # users inside the norm's own forward are fine

@@ -32,7 +32,7 @@ __all__ = [
     "parameter_owners",
     "producer_problem",
     "producer_rank",
-    "rank_problem",
+    "statistics_problem",
 ]
 
 #: Modules whose output a BatchNorm can be folded into (subclasses included).
@@ -276,40 +276,76 @@ def fold_problems(
     return list(dict.fromkeys(problems))
 
 
-def rank_problem(
-    layer: str, src: SourceNorm, rank: int | None, spatial: int | None
+def statistics_problem(
+    layer: str,
+    src: SourceNorm,
+    rank: int | None,
+    spatial: int | None,
+    *,
+    channels: int | None = None,
+    positions: bool = True,
 ) -> tuple[str | None, str | None]:
-    """For layers that need spatial positions (InstanceNorm, AdaLIN): ``(problem, note)``.
+    """Refuse a norm whose statistics would span a single value: ``(problem, note)``.
 
-    Instance statistics are undefined over one value: a norm that sees ``(N, C)`` input, or a
-    single position (after global pooling), is refused; when tracing did not tell the rank and
-    the class allows ``(N, C)``, a note says so.
+    A norm normalizes over ``channels`` channels (1 for InstanceNorm, C/G for GroupNorm, C for
+    LayerNorm) times the spatial positions when ``positions`` (LayerNorm2d: one position), and
+    over a single value its output is the constant bias. Where tracing told the input's rank or
+    spatial size, such a norm is refused; where it did not and the BatchNorm's class allows
+    ``(N, C)`` input, a note says so (the layer refuses such input when it runs).
 
     Args:
         layer: the new layer's class name, for messages.
         src: the source norm.
         rank: its input rank when traced (or implied by its class), else ``None``.
         spatial: the fewest spatial positions of its traced inputs, else ``None``.
+        channels: channels per normalization group; ``None`` for instance statistics (one
+            channel over the positions).
+        positions: whether the statistics also span the spatial positions.
 
     Example:
         >>> from normswap.sources import describe_source
-        >>> rank_problem("InstanceNorm", describe_source(nn.BatchNorm1d(4)), 2, None)[0][:40]
+        >>> bn = describe_source(nn.BatchNorm1d(4))
+        >>> statistics_problem("InstanceNorm", bn, 2, None)[0][:40]
         'InstanceNorm needs spatial dims, but thi'
+        >>> statistics_problem("LayerNorm2d", describe_source(nn.BatchNorm2d(1)), 4, 9,
+        ...                    channels=1, positions=False)[0][:44]
+        'LayerNorm2d would normalize a single value ('
     """
-    if rank == 2:
+    instance = channels is None
+    channels = 1 if channels is None else channels
+    positions_known = 1 if rank == 2 else spatial
+    if not positions:
+        values = channels
+    elif positions_known is not None:
+        values = channels * positions_known
+    else:
+        values = None
+    if values == 1:
+        if instance and rank == 2:
+            return (
+                f"{layer} needs spatial dims, but this {src.kind} normalizes (N, C) inputs "
+                f"(instance statistics over one value are undefined); exclude it or use 'ln'",
+                None,
+            )
+        if instance:
+            return (
+                f"{layer} needs more than one spatial position, but this {src.kind} sees inputs "
+                f"with a single one (e.g. after global pooling), where instance statistics are "
+                f"undefined; exclude it or use 'ln'/'gn'",
+                None,
+            )
+        where = (
+            f"{channels} channel(s) at each position"
+            if not positions
+            else f"{channels} channel(s) per group over {positions_known} position(s)"
+        )
         return (
-            f"{layer} needs spatial dims, but this {src.kind} normalizes (N, C) inputs "
-            f"(instance statistics over one value are undefined); exclude it or use 'ln'",
+            f"{layer} would normalize a single value ({where} of this {src.kind}), so its "
+            "output would be the constant bias; exclude it, or use a norm whose statistics span "
+            "more values",
             None,
         )
-    if spatial == 1:
-        return (
-            f"{layer} needs more than one spatial position, but this {src.kind} sees inputs "
-            f"with a single one (e.g. after global pooling), where instance statistics are "
-            f"undefined; exclude it or use 'ln'/'gn'",
-            None,
-        )
-    if rank is None and (src.ranks is None or 2 in src.ranks):
+    if values is None and channels == 1 and (src.ranks is None or 2 in src.ranks):
         return None, (
             "input rank unknown: pass example_inputs to check; an (N, C) input is refused "
             "at run time"

@@ -263,7 +263,11 @@ class AdaLN(ChannelAffineNorm):
                 f"{tuple(x.shape)}, so its normalized output would be the constant bias"
             )
         h = group_norm(x, 1, self.weight, self.bias, self.eps)
-        params = self.modulation(c).chunk(self.chunks, dim=1)
+        weight = self.modulation[-1].weight
+        if c.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            c = c.to(weight.dtype)  # a condition in another dtype than the modulation's
+        mod = self.modulation(c)
+        params = (mod if mod.dtype == h.dtype else mod.to(h.dtype)).chunk(self.chunks, dim=1)
         shift, scale = _channel_view(params[0], x), _channel_view(params[1], x)
         out = torch.addcmul(shift, h, 1 + scale)
         if self.gate:

@@ -38,6 +38,11 @@ class Fitter:
 
     Attributes:
         params: names of the parameters the fitter sets, for the report.
+
+    Example:
+        >>> fitter = find_fitter(nn.GroupNorm(2, 4))
+        >>> fitter.params, fitter.coefficients(nn.GroupNorm(2, 4)).shape
+        (('weight', 'bias'), torch.Size([4, 2]))
     """
 
     params: tuple[str, ...] = ()
@@ -60,7 +65,15 @@ class Fitter:
 
 
 def evaluate_with(module: nn.Module, values: Mapping[str, Tensor], x: Tensor) -> Tensor:
-    """``module.forward(x)`` with some parameters temporarily set to ``values`` (no hooks run)."""
+    """``module.forward(x)`` with some parameters temporarily set to ``values`` (no hooks run).
+
+    Example:
+        >>> norm = nn.GroupNorm(1, 2)
+        >>> x = torch.randn(3, 2, 4)
+        >>> y = evaluate_with(norm, {"bias": torch.ones(2)}, x)
+        >>> torch.allclose(y, norm(x) + 1, atol=1e-6), norm.bias.tolist()
+        (True, [0.0, 0.0])
+    """
     saved = {name: getattr(module, name).detach().clone() for name in values}
     try:
         with torch.no_grad():
@@ -74,6 +87,14 @@ def evaluate_with(module: nn.Module, values: Mapping[str, Tensor], x: Tensor) ->
 
 
 def layer_affine(module: nn.Module) -> tuple[Tensor, Tensor]:
+    """The layer's per-channel ``(weight, bias)``; refuses a layer without them.
+
+    Example:
+        >>> layer_affine(nn.GroupNorm(1, 2, affine=False))
+        Traceback (most recent call last):
+        ...
+        normswap.errors.CalibrationError: GroupNorm has no affine weight/bias to calibrate ...
+    """
     weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
     if not isinstance(weight, Tensor) or not isinstance(bias, Tensor):
         raise CalibrationError(

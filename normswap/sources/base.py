@@ -56,6 +56,11 @@ class SourceNorm:
             ``None`` when the class accepts any rank (SyncBatchNorm).
         after: child modules the source applies after normalizing, in order, by name (e.g.
             timm's ``drop`` and ``act``); a converted layer applies the same objects.
+
+    Example:
+        >>> src = describe_source(nn.BatchNorm2d(8, eps=1e-3))
+        >>> src.kind, src.num_channels, src.eps, src.affine, src.has_statistics
+        ('BatchNorm2d', 8, 0.001, True, True)
     """
 
     module: nn.Module

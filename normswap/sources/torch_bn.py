@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from normswap.errors import UnsupportedModuleError
 from normswap.sources.base import SourceNorm, device_dtype, register_source
 
 __all__ = ["describe_batchnorm"]
@@ -35,6 +36,12 @@ def describe_batchnorm(module: nn.Module) -> SourceNorm:
         (2, 3)
     """
     assert isinstance(module, _BatchNorm)
+    if module.num_features < 1:
+        raise UnsupportedModuleError(
+            f"{type(module).__name__} has num_features={module.num_features}: a lazy BatchNorm "
+            "without affine parameters or running statistics never learns its channel count; "
+            "build it as BatchNorm1d/2d/3d(C) instead"
+        )
     device, dtype = device_dtype(module)
     weight = module.weight if module.affine else None
     return SourceNorm(

@@ -453,6 +453,8 @@ class _Drawing:
     batch: int
     values: list[_Value]
     steps: list[Step]
+    #: Every norm in eval mode (a pretrained model, what folding needs), or each drawn freely.
+    all_eval: bool = False
 
     def open_values(self) -> list[int]:
         return [i for i, v in enumerate(self.values) if not v.locked]
@@ -569,7 +571,7 @@ def _draw_norm(draw: st.DrawFn, d: _Drawing, src: int) -> None:
     if flavour in _NORM_DIMS:
         lazy = draw(st.sampled_from(["no", "no", "init", "uninit"]))
     track = draw(st.integers(0, 4)) != 4
-    training = draw(st.booleans())
+    training = False if d.all_eval else draw(st.booleans())
     if _values_per_channel(d.batch, shape) < 2 and _needs_batch_stats(flavour, training, track):
         training, track = False, True  # batch statistics over one value per channel: invalid
     step = Norm(
@@ -606,7 +608,12 @@ def nets(draw: st.DrawFn, max_steps: int = 8) -> Net:
     rank = draw(st.integers(2, 5))
     spatial = tuple(draw(st.integers(1, 6 if rank < 5 else 4)) for _ in range(rank - 2))
     shape = Shape(rank, draw(st.integers(1, 12)), spatial)
-    d = _Drawing(batch=draw(st.integers(1, 3)), values=[_Value(shape)], steps=[])
+    d = _Drawing(
+        batch=draw(st.integers(1, 3)),
+        values=[_Value(shape)],
+        steps=[],
+        all_eval=draw(st.booleans()),
+    )
     kinds = ["block", "norm", "conv", "linear", "act", "merge", "reshape", "again", "scripted"]
     for _ in range(draw(st.integers(1, max_steps))):
         kind = draw(st.sampled_from(kinds))

@@ -42,10 +42,10 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
-from normswap.pretrained.calibrate import calibrate
 from normswap.data import load_fashion_mnist, sample_photos, to_imagenet
-from normswap.pretrained.distill import DistillCheck
+from normswap.pretrained.calibrate import calibrate
 from normswap.pretrained.convert import convert_pretrained
+from normswap.pretrained.distill import DistillCheck
 from normswap.surgery import swap
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -24,8 +24,8 @@ import torch
 import torchvision
 
 import normswap
-from normswap.pretrained.calibrate import calibrate
 from normswap.data import load_fashion_mnist, to_imagenet
+from normswap.pretrained.calibrate import calibrate
 
 
 def main() -> None:

@@ -79,3 +79,35 @@ def test_bad_input_is_refused_before_the_model_changes():
     assert all(type(m) is not nn.GroupNorm for m in model.modules())
     for key, value in before.items():
         assert torch.equal(model.state_dict()[key], value), key
+
+
+def test_the_clock_measures_the_total_and_val_data_drives_early_stopping(monkeypatch):
+    """``seconds`` is measured by the clock given (it was wall time whatever the clock), and
+    ``val_data`` is what distillation checks agreement on (as documented)."""
+    import normswap.pretrained.convert as convert
+
+    ticks = iter(range(0, 10_000, 7))
+    seen = {}
+    original = convert.distill
+
+    def recording(*args, **kwargs):
+        seen.update(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(convert, "distill", recording)
+    teacher = _teacher()
+    val = _inputs(32, 9)
+    result = convert_pretrained(
+        teacher,
+        "gn",
+        _inputs(128, 3),
+        val_data=val,
+        budget=5000,
+        distill_steps=2,
+        clock=lambda: float(next(ticks)),
+        progress=False,
+        num_groups=2,
+    )
+    assert seen["val_data"] is val
+    assert result.seconds % 7 == 0 and result.seconds > 0  # a difference of the fake clock
+    assert result.fidelity is not None and result.fidelity.samples == 32

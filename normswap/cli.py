@@ -4,6 +4,7 @@ Examples::
 
     normswap list
     normswap inspect resnet50 --to gn --set num_groups=16
+    normswap inspect efficientnet_b0 --source timm --to gn --set num_groups=8
     normswap convert mobilenet_v2 --to gn --weights IMAGENET1K_V1 --out mbv2_gn.pt
     normswap inspect resnet50 norm=gn norm.num_groups=16    # normswap-train's norm group
     normswap convert mobilenet_v2 --to gn --weights IMAGENET1K_V1 --out mbv2_gn.pt \
@@ -34,7 +35,7 @@ from normswap.record import surgery_record
 from normswap.report import SwapReport
 from normswap.specs import get_spec, list_norms
 from normswap.surgery import swap
-from normswap.zoo import build_model
+from normswap.zoo import ZOOS, build_model
 
 __all__ = ["CHECKPOINT_FORMAT", "main", "parse_overrides"]
 
@@ -139,7 +140,7 @@ def _swap_from_args(model: nn.Module, args: argparse.Namespace, *, dry_run: bool
 def _cmd_inspect(args: argparse.Namespace) -> int:
     _norm_from_overrides(args)
     meta = args.input_shape is None
-    model = build_model(args.model, meta=meta)
+    model = build_model(args.model, source=args.source, meta=meta)
     norms = [
         (path, m)
         for path, m in model.named_modules()
@@ -170,7 +171,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         from normswap.data import load_images
 
         data = load_images(args.calibrate, args.size, limit=args.samples)
-    model = build_model(args.model, args.weights)
+    model = build_model(args.model, args.weights, source=args.source)
     model.eval()  # pretrained conversion (and folding) use running statistics
     conversion = None
     if data is None:
@@ -196,6 +197,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         {
             "format": CHECKPOINT_FORMAT,
             "model": args.model,
+            "source": args.source,
             "weights": args.weights,
             "normswap": surgery_record(report, args.include or None, args.exclude or None),
             "conversion": conversion,
@@ -226,7 +228,13 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="list the registered norms").set_defaults(func=_cmd_list)
 
     def common(p: argparse.ArgumentParser, *, need_to: bool) -> None:
-        p.add_argument("model", help="a torchvision model name (see torchvision.models)")
+        p.add_argument("model", help="a model name of --source (torchvision by default)")
+        p.add_argument(
+            "--source",
+            default="torchvision",
+            choices=list(ZOOS),
+            help="the model zoo: torchvision or timm (pretrained=False)",
+        )
         p.add_argument("--to", choices=list_norms(), help="target norm")
         p.add_argument(
             "overrides",

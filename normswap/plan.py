@@ -62,6 +62,10 @@ class NormStep:
         frozen = False
         if src is not None and d.action != SKIP and d.target != "Identity":
             frozen = not new_requires_grad(src, spec)
+        note = d.note
+        if src is not None and src.after and d.action != SKIP:
+            kept = ", ".join(f"{name} ({type(m).__name__})" for name, m in src.after)
+            note = "; ".join(filter(None, [note, f"then its {kept}, the same modules"]))
         return SwapRecord(
             path=self.paths[0],
             source=type(self.module).__name__,
@@ -70,7 +74,7 @@ class NormStep:
             channels=src.num_channels if src is not None else None,
             groups=d.groups,
             eps=d.eps,
-            note=d.note,
+            note=note,
             reason=d.reason,
             aliases=self.paths[1:],
             frozen=frozen,

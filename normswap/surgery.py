@@ -17,6 +17,7 @@ from torch import nn
 from normswap.errors import ApplyError, FoldError, SwapError
 from normswap.graph.fold import fold_conv_bn
 from normswap.journal import Journal
+from normswap.norms import with_after
 from normswap.plan import Plan, check_model, plan
 from normswap.report import FOLD, SKIP, SwapReport
 from normswap.sources import is_source_norm
@@ -120,7 +121,9 @@ def apply(model: nn.Module, the_plan: Plan) -> SwapReport:
             if norm_step.decision.action == SKIP:
                 continue
             assert norm_step.source is not None
-            new = target.build(norm_step.source, spec, norm_step.decision)
+            new = with_after(
+                target.build(norm_step.source, spec, norm_step.decision), norm_step.source.after
+            )
             if hasattr(type(new), "normswap_path"):
                 new.normswap_path = norm_step.paths[0]
             _take_hooks(norm_step.module, new)

@@ -29,6 +29,20 @@ def test_inspect_plans_without_modifying(capsys: pytest.CaptureFixture[str]) -> 
     assert "BatchNorm2d -> GroupNorm: 71" in out
 
 
+def test_inspect_and_convert_a_timm_model(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    argv = ["test_efficientnet", "--source", "timm", "--to", "gn", "--set", "num_groups=8"]
+    assert cli.main(["inspect", *argv]) == 0
+    out = capsys.readouterr().out
+    assert "BatchNormAct2d -> GroupNorm: 13" in out and "act (SiLU), the same modules" in out
+    assert cli.main(["convert", *argv, "--out", str(tmp_path / "m.pt")]) == 0
+    saved = torch.load(tmp_path / "m.pt", weights_only=True)
+    assert saved["source"] == "timm" and saved["model"] == "test_efficientnet"
+    assert cli.main(["inspect", "test_efficientnet", "--to", "gn"]) == 2  # not a torchvision name
+    assert "unknown model 'test_efficientnet'" in capsys.readouterr().err
+
+
 def test_inspect_with_input_shape_checks_ranks(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["inspect", "resnet18", "--to", "in", "--input-shape", "1,3,64,64"]) == 0
     assert "InstanceNorm" in capsys.readouterr().out

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from normswap.zoo import build_model, replace_head
+from normswap.zoo import ZOOS, build_model, replace_head
 
 __all__ = [
     "AdaptedModel",
@@ -18,14 +18,15 @@ __all__ = [
 ]
 
 
-def classification_models() -> list[str]:
-    """The torchvision classification model names (``model.name`` choices).
+def classification_models(source: str = "torchvision") -> list[str]:
+    """The classification model names of a zoo (``model.name`` choices): torchvision's
+    classifiers, or every timm model.
 
     Example:
         >>> "resnet18" in classification_models()
         True
     """
-    return torchvision.models.list_models(module=torchvision.models)
+    return ZOOS.get(source).classifier_names()
 
 
 class InputAdapter(nn.Module):
@@ -79,15 +80,18 @@ def build_classifier(
     num_classes: int,
     in_channels: int,
     *,
+    source: str = "torchvision",
     weights: str | None = None,
     input_size: int | None = None,
 ) -> AdaptedModel:
-    """A torchvision classifier for ``num_classes`` classes fed ``in_channels``-channel images.
+    """A classifier for ``num_classes`` classes fed ``in_channels``-channel images.
 
     Args:
-        name: a torchvision classification model name.
+        name: a classification model name of ``source``.
         num_classes: number of classes of the data.
         in_channels: channels of the data's images (1 for Fashion-MNIST).
+        source: the model zoo: ``"torchvision"`` or ``"timm"`` (``pretrained=False``: timm's
+            weights come as a state-dict file).
         weights: a torchvision weights name (loaded offline from the torch hub cache) or a
             state-dict file; the classification head is replaced to fit ``num_classes``.
         input_size: the side the network sees (images are resized to it); ``None`` keeps
@@ -100,11 +104,11 @@ def build_classifier(
         >>> build_classifier("resnet18", 10, 1, input_size=32).adapter.size
         32
     """
-    names = classification_models()
+    names = classification_models(source)
     if weights is None:
-        net = build_model(name, names=names, num_classes=num_classes)
+        net = build_model(name, source=source, names=names, num_classes=num_classes)
     else:
-        net = replace_head(build_model(name, weights, names=names), num_classes)
+        net = replace_head(build_model(name, weights, source=source, names=names), num_classes)
     return AdaptedModel(InputAdapter(in_channels, 3, input_size), net)
 
 

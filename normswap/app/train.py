@@ -134,6 +134,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out_dir = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else cfg.out_dir
     info = {
         "model": cfg.model.name,
+        "source": cfg.model.get("source", "torchvision"),
         "norm": cfg.norm.spec,
         "data": type(datamodule).__name__,
         "batch_size": datamodule.batch_size,

@@ -11,6 +11,19 @@ measurements: ``benchmarks/NOTES.md``.
 
 from __future__ import annotations
 
+from normswap.norms.act import (
+    ACT_VARIANTS,
+    AdaLINAct,
+    AdaLNAct,
+    AfterNorm,
+    FrozenAffineAct,
+    GroupNormAct,
+    InstanceNormAct,
+    LayerNorm2dAct,
+    LayerNormAct,
+    NormThen,
+    with_after,
+)
 from normswap.norms.adaptive import AdaLIN, AdaLN, condition
 from normswap.norms.common import ChannelAffineNorm
 from normswap.norms.dispatch import kernel_dispatch_enabled, set_kernel_dispatch
@@ -30,15 +43,25 @@ from normswap.norms.weight import (
 )
 
 __all__ = [
+    "ACT_VARIANTS",
     "GROUP_POLICIES",
     "AdaLIN",
+    "AdaLINAct",
     "AdaLN",
+    "AdaLNAct",
+    "AfterNorm",
     "ChannelAffineNorm",
     "FrozenAffine",
+    "FrozenAffineAct",
     "GroupNorm",
+    "GroupNormAct",
     "InstanceNorm",
+    "InstanceNormAct",
     "LayerNorm",
     "LayerNorm2d",
+    "LayerNorm2dAct",
+    "LayerNormAct",
+    "NormThen",
     "Reparam",
     "WeightKind",
     "WeightStandardization",
@@ -51,4 +74,5 @@ __all__ = [
     "set_kernel_dispatch",
     "standardize_weight",
     "weight_norm",
+    "with_after",
 ]

@@ -64,6 +64,7 @@ from normswap.modes import eval_mode
 from normswap.pretrained.fitters import Fitter, find_fitter, layer_affine
 from normswap.pretrained.lstsq import Sums
 from normswap.pretrained.structure import converted_layers, unwrap
+from normswap.sources import describe_source
 
 __all__ = ["MATCHES", "CalibrationReport", "LayerFit", "calibrate", "check_runs"]
 
@@ -201,6 +202,14 @@ def check_runs(model: nn.Module, inputs: Any, who: str, what: str = "calibration
         ) from err
 
 
+def _after(norm: nn.Module) -> list[nn.Module]:
+    """The modules a reference norm applies after normalizing (timm's drop, act), if any."""
+    try:
+        return [module for _, module in describe_source(norm).after]
+    except NormSwapError:
+        return []
+
+
 def _fitters(layers: dict[str, nn.Module]) -> dict[str, Fitter]:
     fitters: dict[str, Fitter] = {}
     missing = []
@@ -321,13 +330,22 @@ def calibrate(
         calls: dict[str, int] = {}
         initial = {p: fitters[p].coefficients(layer) for p, layer in layers.items()}
 
-        def capture(path: str) -> Callable[[nn.Module, Any, Tensor], None]:
-            def hook(_m: nn.Module, _args: Any, out: Tensor) -> None:
-                # A copy: an in-place activation after the norm (ReLU(inplace=True)) would
-                # otherwise overwrite the target before the converted layer is fitted to it.
-                targets[path].append(out.detach().clone())
+        reference_running = [False]
 
-            return hook
+        def capture(path: str) -> Callable[..., None]:
+            # The target is what the reference norm's normalization outputs: its forward
+            # output, or for a norm + activation layer the input of the first module after
+            # it. A copy: an in-place activation (ReLU(inplace=True)) would otherwise overwrite
+            # it before the converted layer is fitted to it.
+            def output_hook(_m: nn.Module, _args: Any, out: Tensor) -> None:
+                if reference_running[0]:
+                    targets[path].append(out.detach().clone())
+
+            def input_hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
+                if reference_running[0]:
+                    targets[path].append(args[0].detach().clone())
+
+            return output_hook if not _after(ref_modules[path]) else input_hook
 
         def fit(path: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
             fitter = fitters[path]
@@ -355,7 +373,11 @@ def calibrate(
         samples = used = 0
         try:
             for path, bn in ref_modules.items():
-                handles.append(bn.register_forward_hook(capture(path)))
+                after = _after(bn)
+                if after:
+                    handles.append(after[0].register_forward_pre_hook(capture(path)))
+                else:
+                    handles.append(bn.register_forward_hook(capture(path)))
             for path, layer in layers.items():
                 handles.append(layer.register_forward_pre_hook(fit(path)))
             for pass_index in range(passes):
@@ -371,7 +393,11 @@ def calibrate(
                         targets[path] = []
                         calls[path] = 0
                     # The reference's hooks fill targets; the model's hooks fit as they go.
-                    call_model(reference, batch)
+                    reference_running[0] = True
+                    try:
+                        call_model(reference, batch)
+                    finally:
+                        reference_running[0] = False
                     call_model(model, batch)
                     if pass_index == 0:
                         samples += count_samples(batch)

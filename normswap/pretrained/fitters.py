@@ -79,7 +79,8 @@ def evaluate_with(module: nn.Module, values: Mapping[str, Tensor], x: Tensor) ->
         with torch.no_grad():
             for name, value in values.items():
                 getattr(module, name).copy_(value)
-            return module.forward(x)
+            # A norm + activation layer: the normalization alone (what is fitted).
+            return getattr(module, "forward_norm", module.forward)(x)
     finally:
         with torch.no_grad():
             for name, value in saved.items():

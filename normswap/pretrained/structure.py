@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from normswap.errors import CalibrationError
+from normswap.norms import AfterNorm
 from normswap.sources import is_source_norm
 
 __all__ = ["converted_layers", "unwrap"]
@@ -82,7 +83,9 @@ def converted_layers(model: nn.Module, reference: nn.Module) -> dict[str, nn.Mod
                     "reference must be a copy made before the swap (copy.deepcopy)"
                 )
             elif (
-                not is_source_norm(mod) and not isinstance(mod, nn.Identity) and id(mod) not in seen
+                not is_source_norm(mod)
+                and not isinstance(mod, nn.Identity | AfterNorm)  # folded or removed
+                and id(mod) not in seen
             ):
                 seen.add(id(mod))
                 converted[path] = mod

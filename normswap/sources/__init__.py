@@ -6,6 +6,7 @@ from normswap.sources.base import (
     SOURCES,
     Adapter,
     SourceNorm,
+    add_lazy_registration,
     describe_source,
     device_dtype,
     find_source_adapter,
@@ -13,17 +14,25 @@ from normswap.sources.base import (
     register_source,
     source_classes,
 )
-from normswap.sources.torch_bn import describe_batchnorm  # registers the built-in sources
+from normswap.sources.normact import norm_act_adapter, register_norm_act  # registers timm's
+from normswap.sources.torch_bn import (  # registers the built-in sources
+    describe_batchnorm,
+    describe_frozen_batchnorm,
+)
 
 __all__ = [
     "SOURCES",
     "Adapter",
     "SourceNorm",
+    "add_lazy_registration",
     "describe_batchnorm",
+    "describe_frozen_batchnorm",
     "describe_source",
     "device_dtype",
     "find_source_adapter",
     "is_source_norm",
+    "norm_act_adapter",
+    "register_norm_act",
     "register_source",
     "source_classes",
 ]

@@ -10,6 +10,7 @@ traced, planned, folded and monitored like the built-in ones.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ __all__ = [
     "SOURCES",
     "Adapter",
     "SourceNorm",
+    "add_lazy_registration",
     "describe_source",
     "device_dtype",
     "find_source_adapter",
@@ -92,8 +94,42 @@ class SourceNorm:
 
 Adapter = Callable[[nn.Module], SourceNorm]
 
+
+class _SourceRegistry(TypeRegistry[Adapter]):
+    """The source registry; it first registers the adapters of libraries imported since the
+    last lookup (:func:`add_lazy_registration`), so normswap never imports them itself."""
+
+    def __init__(self) -> None:
+        super().__init__("BatchNorm source adapter")
+        self.lazy: dict[str, Callable[[], None]] = {}
+
+    def _load(self) -> None:
+        if self.lazy:
+            for name in [n for n in self.lazy if n in sys.modules]:
+                self.lazy.pop(name)()
+
+    def match(self, obj: object) -> tuple[type, Adapter] | None:
+        self._load()
+        return super().match(obj)
+
+    def classes(self) -> tuple[type, ...]:
+        self._load()
+        return super().classes()
+
+
 #: The registered BatchNorm families: class -> adapter (looked up by MRO).
-SOURCES: TypeRegistry[Adapter] = TypeRegistry("BatchNorm source adapter")
+SOURCES = _SourceRegistry()
+
+
+def add_lazy_registration(module_name: str, register: Callable[[], None]) -> None:
+    """Run ``register`` (which registers source adapters) once ``module_name`` is imported.
+
+    Example:
+        >>> add_lazy_registration("my_lib.layers", lambda: None)
+        >>> SOURCES.lazy.pop("my_lib.layers") is not None
+        True
+    """
+    SOURCES.lazy[module_name] = register
 
 
 def register_source(*classes: type) -> Callable[[Adapter], Adapter]:

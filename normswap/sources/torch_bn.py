@@ -8,7 +8,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from normswap.errors import UnsupportedModuleError
 from normswap.sources.base import SourceNorm, device_dtype, register_source
 
-__all__ = ["describe_batchnorm"]
+__all__ = ["describe_batchnorm", "describe_frozen_batchnorm"]
 
 _BN_RANKS: tuple[tuple[type, tuple[int, ...]], ...] = (
     (nn.BatchNorm1d, (2, 3)),
@@ -62,32 +62,41 @@ def describe_batchnorm(module: nn.Module) -> SourceNorm:
     )
 
 
+def describe_frozen_batchnorm(module: nn.Module) -> SourceNorm:
+    """Adapter for a frozen BatchNorm kept as buffers (torchvision's ``FrozenBatchNorm2d``):
+    ``weight``, ``bias``, ``running_mean``, ``running_var`` and ``eps``, no ``num_features``.
+
+    Example:
+        >>> from torchvision.ops.misc import FrozenBatchNorm2d
+        >>> src = describe_frozen_batchnorm(FrozenBatchNorm2d(6))
+        >>> src.num_channels, src.requires_grad
+        (6, False)
+    """
+    device, dtype = device_dtype(module)
+    return SourceNorm(
+        module=module,
+        kind=type(module).__name__,
+        num_channels=int(module.weight.shape[0]),
+        eps=float(module.eps),
+        momentum=None,
+        weight=module.weight,
+        bias=module.bias,
+        running_mean=module.running_mean,
+        running_var=module.running_var,
+        training=module.training,
+        requires_grad=False,
+        device=device,
+        dtype=dtype,
+        ranks=(4,),
+    )
+
+
 def _register_torchvision() -> None:
     try:
         from torchvision.ops.misc import FrozenBatchNorm2d
     except ImportError:  # torchvision is a dependency, but the core works without it
         return
-
-    @register_source(FrozenBatchNorm2d)
-    def describe_frozen(module: nn.Module) -> SourceNorm:
-        """Adapter for torchvision's FrozenBatchNorm2d (buffers only, no num_features)."""
-        device, dtype = device_dtype(module)
-        return SourceNorm(
-            module=module,
-            kind=type(module).__name__,
-            num_channels=int(module.weight.shape[0]),
-            eps=float(module.eps),
-            momentum=None,
-            weight=module.weight,
-            bias=module.bias,
-            running_mean=module.running_mean,
-            running_var=module.running_var,
-            training=module.training,
-            requires_grad=False,
-            device=device,
-            dtype=dtype,
-            ranks=(4,),
-        )
+    register_source(FrozenBatchNorm2d)(describe_frozen_batchnorm)
 
 
 _register_torchvision()

@@ -135,6 +135,34 @@ def test_model_options_instantiate(model: str, tmp_path: Path) -> None:
     assert out.shape[0] == 2
 
 
+def test_a_timm_model_trains_with_a_swapped_norm(tmp_path: Path) -> None:
+    """model.source=timm: the app builds a timm model (pretrained=False), swaps its
+    BatchNormAct2d layers and trains; a timm name under torchvision names the choices."""
+    cfg = _compose(["model.source=timm", "model.name=test_efficientnet"], tmp_path)
+    net = instantiate(cfg.model)(num_classes=10, in_channels=1)
+    assert type(net.net).__module__.startswith("timm.")
+    proc = _train(
+        [
+            "model.source=timm",
+            "model.name=test_efficientnet",
+            "norm=gn",
+            "norm.num_groups=8",
+            "data=digits",
+            "callbacks=minimal",
+            "logger=csv",
+            "++trainer.fast_dev_run=true",
+            f"hydra.run.dir={tmp_path}/run",
+        ],
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "BatchNormAct2d -> GroupNorm" in proc.stdout + proc.stderr  # the logged report
+    assert json.loads(next(tmp_path.rglob("metrics.json")).read_text())["steps"] == 1
+    with pytest.raises(normswap.NormSwapError, match="unknown model 'test_efficientnet'"):
+        cfg = _compose(["model.name=test_efficientnet"], tmp_path)
+        instantiate(cfg.model)(num_classes=10, in_channels=1)
+
+
 @pytest.mark.parametrize("task", options("task"))
 def test_task_options_instantiate(task: str, tmp_path: Path) -> None:
     cfg = _compose([f"task={task}"], tmp_path)

@@ -216,3 +216,43 @@ def test_normswap_imports_and_converts_without_timm() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "'BatchNorm2d -> GroupNorm': 20" in out.stdout
+
+
+def test_monitor_statistics_of_a_timm_model_before_and_after() -> None:
+    from normswap.monitor.collector import NormStatsCollector, unpack
+    from normswap.monitor.families import find_norm_layers
+    from normswap.monitor.stats import STATS
+
+    model = timm.create_model("test_efficientnet", pretrained=False, num_classes=4)
+    for expected in ("bn", "gn"):
+        layers = find_norm_layers(model)
+        assert {layer.family for layer in layers} == {expected}
+        collector = NormStatsCollector(layers)
+        collector.reset(torch.device("cpu"))
+        collector.attach()
+        model(torch.randn(2, 3, 32, 32)).sum().backward()
+        collector.detach()
+        table = unpack(collector.pack(), collector.num_layers)
+        gap = table.counts[:, STATS.index("bn_mean_gap")]
+        assert bool((gap > 0).all()) == (expected == "bn")  # running-stats gap for BN only
+        assert bool((table.calls == 1).all())
+        normswap.swap(model, "gn", num_groups=4)
+        model.zero_grad()
+
+
+def test_distillation_with_feature_matching_on_a_timm_model() -> None:
+    torch.manual_seed(0)
+    teacher = timm.create_model("test_efficientnet", pretrained=False, num_classes=4).eval()
+    student = copy.deepcopy(teacher)
+    normswap.swap(student, "gn", num_groups=4)
+    report = normswap.distill(
+        student,
+        teacher,
+        torch.randn(24, 3, 32, 32),
+        steps=3,
+        batch_size=8,
+        eval_every=3,
+        feature_weight=1.0,
+        progress=False,
+    )
+    assert report.steps == 3 and all(torch.isfinite(torch.tensor(c.kl)) for c in report.checks)

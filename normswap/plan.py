@@ -33,6 +33,7 @@ from normswap.families import (
 from normswap.families.base import new_requires_grad
 from normswap.graph import NormFacts, graph_facts
 from normswap.graph.rules import parameter_owners
+from normswap.modules import module_paths
 from normswap.report import FOLD, SKIP, SwapRecord, SwapReport
 from normswap.sources import SourceNorm, describe_source, is_source_norm, source_classes
 from normswap.specs import NormSpec, get_spec
@@ -125,20 +126,6 @@ class Plan:
     def report(self, *, dry_run: bool) -> SwapReport:
         """The plan as a :class:`SwapReport`."""
         return SwapReport(self.records(), self.spec.to_dict(), dry_run=dry_run, notes=self.notes)
-
-
-def module_paths(model: nn.Module) -> dict[int, tuple[nn.Module, list[str]]]:
-    """Map ``id(module)`` to ``(module, every path at which it occurs)``, in module order.
-
-    Example:
-        >>> bn = nn.BatchNorm2d(4)
-        >>> [p for _, p in module_paths(nn.Sequential(bn, bn)).values()][1]
-        ['0', '1']
-    """
-    found: dict[int, tuple[nn.Module, list[str]]] = {}
-    for path, module in model.named_modules(remove_duplicate=False):
-        found.setdefault(id(module), (module, []))[1].append(path)
-    return found
 
 
 def check_model(model: object) -> None:

@@ -8,7 +8,7 @@ it was (:class:`~normswap.journal.Journal`) before the error propagates.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -17,52 +17,14 @@ from torch import nn
 from normswap.errors import ApplyError, FoldError, SwapError
 from normswap.graph.fold import fold_conv_bn
 from normswap.journal import Journal
+from normswap.modules import set_module, take_hooks
 from normswap.norms import with_after
-from normswap.plan import Plan, check_model, plan
-from normswap.report import FOLD, SKIP, SwapReport
+from normswap.plan import NormStep, Plan, check_model, plan
+from normswap.report import FOLD, REPLACE, SKIP, SwapReport
 from normswap.sources import is_source_norm
 from normswap.specs import NormSpec, get_spec
 
-__all__ = ["apply", "fold_bn", "set_module", "swap"]
-
-
-def set_module(model: nn.Module, path: str, new: nn.Module) -> None:
-    """Put ``new`` at ``path`` (dotted) inside ``model``; works for every container.
-
-    Example:
-        >>> m = nn.Sequential(nn.Sequential(nn.BatchNorm2d(2)))
-        >>> set_module(m, "0.0", nn.Identity()); type(m[0][0]).__name__
-        'Identity'
-    """
-    parent_path, _, name = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    if name not in parent._modules:
-        raise KeyError(f"{path!r} is not a child module of {type(parent).__name__}")
-    parent._modules[name] = new
-
-
-#: The hook tables a replacement takes over from the module it replaces.
-_HOOKS = (
-    "_forward_pre_hooks",
-    "_forward_pre_hooks_with_kwargs",
-    "_forward_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_hooks_always_called",
-    "_backward_pre_hooks",
-    "_backward_hooks",
-)
-
-
-def _take_hooks(old: nn.Module, new: nn.Module) -> None:
-    """Give ``new`` the forward/backward hooks registered on ``old``: the same tables, so the
-    handles the user holds still remove them. ``old`` itself is not changed."""
-    if not any(getattr(old, name, None) for name in _HOOKS):
-        return
-    for name in _HOOKS:
-        if name in vars(old) and not getattr(new, name, None):
-            vars(new)[name] = vars(old)[name]
-    if getattr(old, "_is_full_backward_hook", None) is not None:
-        new._is_full_backward_hook = old._is_full_backward_hook
+__all__ = ["apply", "fold_bn", "swap"]
 
 
 def _check_plan_fits(model: nn.Module, the_plan: Plan) -> None:
@@ -87,7 +49,11 @@ def _check_plan_fits(model: nn.Module, the_plan: Plan) -> None:
         )
 
 
-def apply(model: nn.Module, the_plan: Plan) -> SwapReport:
+#: Wraps one new norm module as it is built (``wrap(step, new) -> module``).
+Wrap = Callable[[NormStep, nn.Module], nn.Module]
+
+
+def apply(model: nn.Module, the_plan: Plan, *, wrap: Wrap | None = None) -> SwapReport:
     """Execute ``the_plan`` on ``model`` (the model it was planned for) and report.
 
     All new modules are built before the first change; then producers are folded, norms
@@ -95,6 +61,10 @@ def apply(model: nn.Module, the_plan: Plan) -> SwapReport:
     layers reparameterized. If a step fails, the model is restored exactly as it was and an
     :class:`~normswap.errors.ApplyError` says so (a ``KeyboardInterrupt`` propagates as is,
     after the restore).
+
+    ``wrap`` is called on every norm the plan replaces, with its step and the new module, and
+    returns what goes into the model instead (:func:`normswap.progressive.swap_progressive`
+    wraps each in a blend with the pretrained BatchNorm).
 
     Raises:
         SwapError: the plan was made for another model, or the model changed since.
@@ -121,12 +91,13 @@ def apply(model: nn.Module, the_plan: Plan) -> SwapReport:
             if norm_step.decision.action == SKIP:
                 continue
             assert norm_step.source is not None
-            new = with_after(
-                target.build(norm_step.source, spec, norm_step.decision), norm_step.source.after
-            )
+            new = target.build(norm_step.source, spec, norm_step.decision)
+            if wrap is not None and norm_step.decision.action == REPLACE:
+                new = wrap(norm_step, new)
+            new = with_after(new, norm_step.source.after)
             if hasattr(type(new), "normswap_path"):
                 new.normswap_path = norm_step.paths[0]
-            _take_hooks(norm_step.module, new)
+            take_hooks(norm_step.module, new)
             built.append((norm_step.paths, new))
         for norm_step, producer in zip(folds, producers, strict=True):
             step = f"folding {norm_step.paths[0]} into {norm_step.decision.into}"

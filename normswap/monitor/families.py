@@ -20,11 +20,13 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from normswap.errors import SpecError
+from normswap.norms import BlendNorm, NormThen
 from normswap.registry import TypeRegistry
 from normswap.sources import is_source_norm
 
 __all__ = [
     "MONITOR_FAMILIES",
+    "WRAPPERS",
     "NormLayer",
     "check_monitor_name",
     "family_of",
@@ -36,6 +38,8 @@ __all__ = [
 
 #: Layer classes -> the family name their statistics are logged under.
 MONITOR_FAMILIES: TypeRegistry[str] = TypeRegistry("monitored norm class")
+#: Wrapper classes -> the attribute holding the norm they wrap (reported as that norm).
+WRAPPERS: TypeRegistry[str] = TypeRegistry("norm wrapper")
 _RULES: list[tuple[Callable[[nn.Module], bool], str]] = []
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
@@ -108,6 +112,9 @@ def family_of(module: nn.Module) -> str | None:
         >>> family_of(nn.BatchNorm2d(4)), family_of(nn.GroupNorm(2, 4)), family_of(nn.ReLU())
         ('bn', 'gn', None)
     """
+    inner = WRAPPERS.lookup(module)
+    if inner is not None:  # a wrapper is reported as the norm it wraps
+        return family_of(getattr(module, inner))
     name = MONITOR_FAMILIES.lookup(module)
     if name is not None:
         return name
@@ -160,3 +167,5 @@ def find_norm_layers(model: nn.Module, families: Sequence[str] | None = None) ->
 
 
 register_monitor_family(nn.RMSNorm, "rms")
+WRAPPERS.register(NormThen, "norm")
+WRAPPERS.register(BlendNorm, "target")

@@ -25,6 +25,7 @@ from normswap.norms.act import (
     with_after,
 )
 from normswap.norms.adaptive import AdaLIN, AdaLN, condition
+from normswap.norms.blend import BlendNorm
 from normswap.norms.common import ChannelAffineNorm
 from normswap.norms.dispatch import kernel_dispatch_enabled, set_kernel_dispatch
 from normswap.norms.frozen import FrozenAffine
@@ -50,6 +51,7 @@ __all__ = [
     "AdaLN",
     "AdaLNAct",
     "AfterNorm",
+    "BlendNorm",
     "ChannelAffineNorm",
     "FrozenAffine",
     "FrozenAffineAct",

@@ -61,7 +61,7 @@ from normswap.inputs import (
     model_device,
 )
 from normswap.modes import eval_mode
-from normswap.pretrained.fitters import Fitter, find_fitter, layer_affine
+from normswap.pretrained.fitters import Fitter, find_fitter
 from normswap.pretrained.lstsq import Sums
 from normswap.pretrained.structure import converted_layers, unwrap
 from normswap.sources import describe_source
@@ -299,8 +299,8 @@ def calibrate(
     model, reference = unwrap(model), unwrap(reference)
     layers = converted_layers(model, reference)
     fitters = _fitters(layers)
-    for layer in layers.values():
-        layer_affine(layer)  # affine=False layers are refused before any change
+    for path, layer in layers.items():
+        fitters[path].coefficients(layer)  # affine=False layers are refused before any change
     device = model_device(model)
 
     def stream() -> Iterator[Any]:

@@ -142,6 +142,47 @@ class AffineFitter(Fitter):
         return coef
 
 
+class WrapperFitter(Fitter):
+    """Fits the norm a wrapper holds in ``attr`` with that norm's own fitter (a
+    :class:`~normswap.norms.BlendNorm`'s target, a :class:`~normswap.norms.NormThen`'s norm).
+
+    Example:
+        >>> from normswap.norms import NormThen
+        >>> layer = NormThen(nn.GroupNorm(2, 4), [("act", nn.ReLU())])
+        >>> WrapperFitter("norm").coefficients(layer).shape
+        torch.Size([4, 2])
+    """
+
+    def __init__(self, attr: str) -> None:
+        self.attr = attr
+
+    def _inner(self, module: nn.Module) -> tuple[Fitter, nn.Module]:
+        inner = getattr(module, self.attr)
+        fitter = find_fitter(inner)
+        if fitter is None:
+            raise CalibrationError(
+                f"no calibration fitter for {type(inner).__name__} inside "
+                f"{type(module).__name__}: register one with normswap.register_fitter"
+            )
+        self.params = fitter.params
+        return fitter, inner
+
+    def basis(self, module: nn.Module, x: Tensor) -> tuple[Tensor | None, list[Tensor | None]]:
+        """The wrapped norm's basis on ``x``."""
+        fitter, inner = self._inner(module)
+        return fitter.basis(inner, x)
+
+    def coefficients(self, module: nn.Module) -> Tensor:
+        """The wrapped norm's coefficients."""
+        fitter, inner = self._inner(module)
+        return fitter.coefficients(inner)
+
+    def assign(self, module: nn.Module, coef: Tensor, gram: Tensor, rhs: Tensor) -> Tensor:
+        """Set the wrapped norm's parameters."""
+        fitter, inner = self._inner(module)
+        return fitter.assign(inner, coef, gram, rhs)
+
+
 #: Layer classes -> the fitter of their family (looked up by MRO). Norm families register their
 #: layers' fitter with :func:`normswap.register_family`; :func:`register_fitter` adds one for a
 #: layer of your own.
@@ -174,6 +215,13 @@ def register_fitter(*classes: type) -> Callable[[type[Fitter]], type[Fitter]]:
     return decorator
 
 
+def _register_wrappers() -> None:
+    from normswap.norms import BlendNorm, NormThen
+
+    FITTERS.register(NormThen, WrapperFitter("norm"))
+    FITTERS.register(BlendNorm, WrapperFitter("target"))
+
+
 def find_fitter(module: nn.Module) -> Fitter | None:
     """The fitter registered for ``module``'s class or its nearest base class, or ``None``.
 
@@ -182,3 +230,6 @@ def find_fitter(module: nn.Module) -> Fitter | None:
         ('AffineFitter', None)
     """
     return FITTERS.lookup(module)
+
+
+_register_wrappers()

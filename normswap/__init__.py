@@ -56,6 +56,7 @@ from normswap.monitor.families import (
 from normswap.norms import (
     AdaLIN,
     AdaLN,
+    BlendNorm,
     FrozenAffine,
     GroupNorm,
     InstanceNorm,
@@ -68,12 +69,24 @@ from normswap.norms import (
     standardize_weight,
     weight_norm,
 )
+from normswap.norms.blend import register_blend_statistics
 from normswap.plan import Plan, plan
+from normswap.pretrained.adapt import adapt_statistics
 from normswap.pretrained.calibrate import CalibrationReport, calibrate
 from normswap.pretrained.convert import ConversionResult, convert_pretrained
 from normswap.pretrained.distill import DistillReport, distill
 from normswap.pretrained.fidelity import Fidelity, fidelity
 from normswap.pretrained.fitters import Fitter, register_fitter
+from normswap.pretrained.synthesize import statistics_gap, synthesize
+from normswap.progressive import (
+    BlendSchedule,
+    anchor_blend,
+    blend_layers,
+    calibrate_blend,
+    finish_blend,
+    set_blend,
+    swap_progressive,
+)
 from normswap.record import restore, surgery_record
 from normswap.report import SwapRecord, SwapReport
 from normswap.sources import SourceNorm, describe_source, is_source_norm, register_source
@@ -88,6 +101,8 @@ __all__ = [
     "AdaLN",
     "AdaLNSpec",
     "ApplyError",
+    "BlendNorm",
+    "BlendSchedule",
     "CalibrationError",
     "CalibrationReport",
     "ConditionError",
@@ -127,14 +142,19 @@ __all__ = [
     "WeightNormSpec",
     "WeightStandardization",
     "__version__",
+    "adapt_statistics",
+    "anchor_blend",
     "apply",
+    "blend_layers",
     "calibrate",
+    "calibrate_blend",
     "condition",
     "convert_pretrained",
     "describe_source",
     "distill",
     "family_of",
     "fidelity",
+    "finish_blend",
     "fold_bn",
     "fold_conv_bn",
     "get_family",
@@ -143,6 +163,7 @@ __all__ = [
     "list_families",
     "list_norms",
     "plan",
+    "register_blend_statistics",
     "register_family",
     "register_fitter",
     "register_monitor_family",
@@ -150,11 +171,15 @@ __all__ = [
     "register_source",
     "resolve_groups",
     "restore",
+    "set_blend",
     "set_kernel_dispatch",
     "spec_from_dict",
     "standardize_weight",
+    "statistics_gap",
     "surgery_record",
     "swap",
+    "swap_progressive",
+    "synthesize",
     "trace",
     "unregister_family",
     "weight_norm",

@@ -95,6 +95,7 @@ def _norm_from_overrides(args: argparse.Namespace) -> None:
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
 
+    from normswap.app.schema import NORM_CALLBACK_OPTIONS
     from normswap.app.train import register_configs
 
     register_configs()
@@ -109,7 +110,7 @@ def _norm_from_overrides(args: argparse.Namespace) -> None:
     spec = fields.pop("spec")
     if spec == "bn":
         raise CLIError("norm=bn keeps BatchNorm, nothing to convert; pick one of `normswap list`")
-    for key in ("calibrate", "calibrate_batches"):  # training-callback options
+    for key in set(NORM_CALLBACK_OPTIONS) - {"include", "exclude"}:  # training-callback options
         fields.pop(key, None)
     for key in ("include", "exclude"):
         value = fields.pop(key, None)
@@ -165,6 +166,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     overrides = {**args.norm_fields, **parse_overrides(args.set)}
     get_spec(args.to, **overrides)  # a bad spec fails before anything is loaded
     data = None
+    if args.progressive and args.calibrate is None:
+        raise CLIError("--progressive distills: give the images with --calibrate DATA")
     if args.calibrate is not None:
         if args.input_shape:
             raise CLIError("--calibrate traces with its own images; drop --input-shape")
@@ -186,6 +189,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
             data,
             budget=args.budget,
             distill_steps=args.distill_steps,
+            progressive=args.progressive,
             include=args.include or None,
             exclude=args.exclude or None,
             **overrides,
@@ -277,6 +281,14 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--samples", type=int, default=2000, help="images read for --calibrate")
     convert.add_argument(
         "--budget", type=float, default=600.0, help="seconds for calibration + distillation"
+    )
+    convert.add_argument(
+        "--progressive",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="with --calibrate: distill progressively (the student starts as the original and "
+        "is the converted model after this fraction of the steps; 0: swap at once)",
     )
     convert.add_argument(
         "--distill-steps",

@@ -30,6 +30,7 @@ __all__ = [
     "DataError",
     "load_fashion_mnist",
     "load_images",
+    "photo_crops",
     "read_idx",
     "sample_photos",
     "to_imagenet",
@@ -246,6 +247,64 @@ def sample_photos(size: int = 224) -> tuple[list[str], Tensor]:
     names = [Path(p).name for p in data.filenames]
     batch = torch.stack([torch.from_numpy(img.copy()).permute(2, 0, 1) for img in data.images])
     return names, to_imagenet(batch.contiguous(), size, crop=True)
+
+
+def photo_crops(
+    name: str,
+    count: int,
+    size: int = 160,
+    *,
+    scale: tuple[float, float] = (0.05, 0.5),
+    seed: int = 0,
+) -> Tensor:
+    """Random square crops of one of scikit-learn's sample photos, ImageNet-normalized.
+
+    Each crop covers a random fraction of the photo's area in ``scale`` at a random place, and
+    is resized to ``size`` (and flipped half the time): many different inputs from one photo,
+    as a source of unlabeled natural images that other sources never saw.
+
+    Args:
+        name: ``"china.jpg"`` or ``"flower.jpg"``.
+        count: how many crops.
+        size: their side in pixels.
+        scale: the smallest and largest fraction of the photo's area a crop covers.
+        seed: seeds the crops.
+
+    Raises:
+        DataError: an unknown photo, a bad argument, or scikit-learn missing.
+
+    Example:
+        >>> photo_crops("flower.jpg", 4, 64).shape
+        torch.Size([4, 3, 64, 64])
+    """
+    try:
+        from sklearn.datasets import load_sample_images
+    except ImportError as err:
+        raise DataError(
+            "the sample photos come with scikit-learn: pip install -e '.[demo]'"
+        ) from err
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise DataError(f"count must be a positive int, got {count!r}")
+    if not 0 < scale[0] <= scale[1] <= 1:
+        raise DataError(f"scale must be (low, high) with 0 < low <= high <= 1, got {scale!r}")
+    data = load_sample_images()
+    names = [Path(p).name for p in data.filenames]
+    if name not in names:
+        raise DataError(f"unknown sample photo {name!r}; choose one of: {', '.join(names)}")
+    photo = torch.from_numpy(data.images[names.index(name)].copy()).permute(2, 0, 1)
+    h, w = photo.shape[-2:]
+    g = torch.Generator().manual_seed(seed)
+    crops = []
+    for _ in range(count):
+        area = float(torch.empty(()).uniform_(scale[0], scale[1], generator=g)) * h * w
+        side = max(8, min(h, w, round(area**0.5)))
+        top = int(torch.randint(0, h - side + 1, (), generator=g))
+        left = int(torch.randint(0, w - side + 1, (), generator=g))
+        crop = photo[:, top : top + side, left : left + side]
+        if bool(torch.rand((), generator=g) < 0.5):
+            crop = crop.flip(-1)
+        crops.append(to_imagenet(crop.unsqueeze(0).contiguous(), size)[0])
+    return torch.stack(crops)
 
 
 #: File suffixes :func:`load_images` reads from a folder.

@@ -187,6 +187,40 @@ def test_convert_calibration_data_errors(
         err = capsys.readouterr().err
         assert err.startswith("normswap: error:") and message in err, err
     assert not (tmp_path / "x.pt").exists()
+    assert (
+        cli.main(
+            [
+                "convert",
+                "resnet18",
+                "--to",
+                "gn",
+                "--out",
+                str(tmp_path / "x.pt"),
+                "--progressive",
+                "0.5",
+            ]
+        )
+        == 2
+    )
+    assert "--progressive distills" in capsys.readouterr().err
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_convert_progressive_saves_a_plain_converted_model(tmp_path: Path) -> None:
+    x = torch.randn(24, 3, 64, 64)
+    torch.save(x, tmp_path / "x.pt")
+    _, weights = _pretrained_like_resnet18(tmp_path, x)
+    out = tmp_path / "progressive.pt"
+    argv = ["convert", "resnet18", "--to", "gn", "--weights", str(weights), "--out", str(out)]
+    argv += ["--calibrate", str(tmp_path / "x.pt"), "--size", "64", "--distill-steps", "4"]
+    assert cli.main([*argv, "--progressive", "0.5"]) == 0
+    saved = torch.load(out, weights_only=True)
+    checks = saved["conversion"]["distillation"]["checks"]
+    assert checks[0]["alpha"] == 0.0 and checks[-1]["alpha"] == 1.0
+    assert not any(k.endswith(".alpha") for k in saved["state_dict"])  # no blends left
+    rebuilt = torchvision.models.resnet18().eval()
+    normswap.restore(rebuilt, out)
+    assert type(rebuilt.bn1).__name__ == "GroupNorm"
 
 
 def test_norm_group_overrides_like_normswap_train(

@@ -31,7 +31,17 @@ from omegaconf import MISSING, OmegaConf
 
 from normswap.specs import spec_class
 
-__all__ = ["SCHEMA_GROUPS", "register_schemas", "schema_for"]
+__all__ = ["NORM_CALLBACK_OPTIONS", "SCHEMA_GROUPS", "register_schemas", "schema_for"]
+
+#: ``norm`` keys that configure the ``NormSwap`` callback rather than the spec, with their types
+#: (``progressive``: a ``BlendSchedule``'s fields, or its end step).
+NORM_CALLBACK_OPTIONS: dict[str, Any] = {
+    "include": Any,
+    "exclude": Any,
+    "calibrate": bool | None,
+    "calibrate_batches": int | None,
+    "progressive": Any,
+}
 
 #: The config groups whose options are backed by a schema. ``trainer`` options are
 #: ``pytorch_lightning.Trainer`` keyword arguments, checked by Lightning itself, and stay open so
@@ -111,8 +121,7 @@ def schema_for(group: str, option: str, node: dict[str, Any]) -> type:
     keys = [k for k in node if k != "defaults"]
     if group == "norm":
         spec = node["spec"]
-        hints: dict[str, Any] = {"spec": str, "include": Any, "exclude": Any}
-        hints |= {"calibrate": bool | None, "calibrate_batches": int | None}
+        hints: dict[str, Any] = {"spec": str, **NORM_CALLBACK_OPTIONS}
         defaults: dict[str, Any] = dict.fromkeys(hints)
         known = set(hints)
         if spec != "bn":

@@ -35,10 +35,20 @@ from normswap.inputs import (
     model_device,
 )
 from normswap.modes import restore_training_flags, training_flags
+from normswap.pretrained.adapt import adapt_statistics
 from normswap.pretrained.calibrate import CalibrationReport, calibrate, check_runs
 from normswap.pretrained.distill import DistillCheck, DistillReport, distill, flush_denormal
 from normswap.pretrained.fidelity import Fidelity, fidelity
 from normswap.pretrained.structure import converted_layers
+from normswap.progressive import (
+    BlendSchedule,
+    blend_layers,
+    calibrate_blend,
+    finish_blend,
+    plan_progressive,
+    set_blend,
+    swap_progressive,
+)
 from normswap.report import SwapReport
 from normswap.specs import NormSpec, get_spec
 from normswap.surgery import swap
@@ -54,8 +64,12 @@ class ConversionResult:
         report: the swap report.
         calibration: the calibration report (``None`` when skipped).
         distillation: the distillation report (``None`` when skipped).
-        fidelity: agreement with the original on the held-out inputs (``None`` without them).
+        fidelity: agreement with the original on ``val_data``: held-out inputs *from the
+            conversion's own domain* (``None`` without them).
         seconds: time of the whole conversion, by the ``clock`` it was given.
+        ood_fidelity: agreement on ``ood_data``, inputs from sources no step calibrated,
+            distilled or stopped early on: how well the conversion carries the model's
+            function to new data (``None`` without them).
 
     Example:
         >>> r = ConversionResult(SwapReport((), {"name": "gn"}), None, None, None, 0.0)
@@ -68,6 +82,7 @@ class ConversionResult:
     distillation: DistillReport | None
     fidelity: Fidelity | None
     seconds: float
+    ood_fidelity: Fidelity | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-serializable dictionary.
@@ -81,6 +96,7 @@ class ConversionResult:
             "calibration": None if self.calibration is None else self.calibration.to_dict(),
             "distillation": None if self.distillation is None else self.distillation.to_dict(),
             "fidelity": None if self.fidelity is None else self.fidelity.to_dict(),
+            "ood_fidelity": None if self.ood_fidelity is None else self.ood_fidelity.to_dict(),
             "seconds": self.seconds,
         }
 
@@ -97,7 +113,9 @@ class ConversionResult:
         if self.distillation is not None:
             parts.append(str(self.distillation))
         if self.fidelity is not None:
-            parts.append(f"fidelity on held-out inputs: {self.fidelity}")
+            parts.append(f"fidelity, in-domain (held-out val_data): {self.fidelity}")
+        if self.ood_fidelity is not None:
+            parts.append(f"fidelity, out-of-domain (ood_data): {self.ood_fidelity}")
         parts.append(f"total: {self.seconds:.0f} s")
         return "\n".join(parts)
 
@@ -138,6 +156,9 @@ def convert_pretrained(
     on_check: Callable[[DistillCheck, nn.Module], None] | None = None,
     progress: bool = True,
     batch_to_input: BatchToInput = default_batch_to_input,
+    progressive: float = 0.0,
+    adapt_teacher: bool = False,
+    ood_data: Any = None,
     **overrides: Any,
 ) -> ConversionResult:
     """Swap ``model``'s BatchNorms for ``spec`` and bring it back to its pretrained behaviour.
@@ -176,6 +197,15 @@ def convert_pretrained(
         on_check: passed to :func:`~normswap.distill.distill` (called at each agreement check).
         progress: show distillation's progress bar.
         batch_to_input: maps a batch of an iterable to model inputs (:mod:`normswap.inputs`).
+        progressive: in ``(0, 1]``: progressive distillation (:mod:`normswap.progressive`):
+            the norms become blends whose targets are calibrated, the student starts as its
+            teacher and is the pure converted model after this fraction of the distillation
+            steps; ``0`` swaps at once. Only families that replace norms one by one blend.
+        adapt_teacher: re-estimate the BatchNorms' running statistics on ``data`` first
+            (AdaBN, :func:`normswap.adapt_statistics`), so the teacher (and the conversion's
+            starting point) is the model adapted to the target domain.
+        ood_data: inputs from sources that no step sees (neither calibration, distillation,
+            nor early stopping); the result's ``ood_fidelity`` is measured on them.
         **overrides: spec field overrides, e.g. ``num_groups=16``.
 
     Returns:
@@ -207,6 +237,16 @@ def convert_pretrained(
         isinstance(distill_steps, bool) or not isinstance(distill_steps, int) or distill_steps < 0
     ):
         raise CalibrationError(f"distill_steps must be an int >= 0 or None, got {distill_steps!r}")
+    if (
+        isinstance(progressive, bool)
+        or not isinstance(progressive, (int, float))
+        or not 0 <= progressive <= 1
+    ):
+        raise CalibrationError(
+            f"progressive must be a fraction of the distillation in [0, 1], got {progressive!r}"
+        )
+    if not isinstance(adapt_teacher, bool):
+        raise CalibrationError(f"adapt_teacher must be True or False, got {adapt_teacher!r}")
 
     flags = training_flags(model)
     first = first_inputs(
@@ -216,17 +256,33 @@ def convert_pretrained(
         device=model_device(model),
         what="conversion data",
     )
+    for name, extra in (("val_data", val_data), ("ood_data", ood_data)):
+        if extra is not None:
+            first_inputs(
+                extra,
+                batch_size=1,
+                batch_to_input=batch_to_input,
+                device=model_device(model),
+                what=name,
+            )
     model.eval()
     try:
         reference = copy.deepcopy(model)
         with torch.no_grad():
             check_runs(reference, first, "model", "conversion data")
+        if progressive:
+            # Refuses families that cannot blend before anything is modified.
+            plan_progressive(reference, the_spec, include=include, exclude=exclude)
+        if adapt_teacher:
+            adapt_statistics(reference, data, batch_size=batch_size, batch_to_input=batch_to_input)
+            model.load_state_dict(reference.state_dict())
         # One traced forward tells input ranks and, for weight norm, each BN's producer.
-        report = swap(model, the_spec, include=include, exclude=exclude, example_inputs=first)
+        convert = swap_progressive if progressive else swap
+        report = convert(model, the_spec, include=include, exclude=exclude, example_inputs=first)
         layers = converted_layers(model, reference)
         calibration = distillation = None
         if layers:
-            calibration = calibrate(
+            calibration = (calibrate_blend if progressive else calibrate)(
                 model,
                 reference,
                 _calibration_data(data, calibrate_samples, batch_size, batch_to_input),
@@ -252,13 +308,21 @@ def convert_pretrained(
                     on_check=on_check,
                     progress=progress,
                     batch_to_input=batch_to_input,
+                    blend=BlendSchedule(end=max(1, round(progressive * steps)))
+                    if progressive
+                    else None,
                 )
-        reached = None
+        if blend_layers(model):  # no distillation ran: the calibrated converted model
+            set_blend(model, 1.0)
+            finish_blend(model)
+        reached = ood = None
         if val_data is not None:
             reached = fidelity(model, reference, val_data, batch_to_input=batch_to_input)
+        if ood_data is not None:
+            ood = fidelity(model, reference, ood_data, batch_to_input=batch_to_input)
     finally:
         restore_training_flags(model, flags)
-    return ConversionResult(report, calibration, distillation, reached, clock() - start)
+    return ConversionResult(report, calibration, distillation, reached, clock() - start, ood)
 
 
 def _steps_that_fit(

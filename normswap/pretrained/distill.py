@@ -51,6 +51,7 @@ from normswap.inputs import (
 from normswap.modes import eval_mode
 from normswap.pretrained.fidelity import fidelity, kl_div, logits_of
 from normswap.pretrained.structure import converted_layers, unwrap
+from normswap.progressive import BlendSchedule, blend_layers, finish_blend, set_blend
 
 __all__ = ["DistillCheck", "DistillReport", "distill", "hflip"]
 
@@ -65,6 +66,8 @@ class DistillCheck:
         agreement: top-1 agreement with the teacher on the validation inputs.
         kl: mean KL divergence on the validation inputs.
         loss: training loss averaged since the previous check (``nan`` at step 0).
+        alpha: the student's blend at the check (1: the converted model itself; see
+            :mod:`normswap.progressive`).
     """
 
     step: int
@@ -72,6 +75,7 @@ class DistillCheck:
     agreement: float
     kl: float
     loss: float
+    alpha: float = 1.0
 
     def to_dict(self) -> dict[str, float]:
         """Plain dictionary.
@@ -86,6 +90,7 @@ class DistillCheck:
             "agreement": self.agreement,
             "kl": self.kl,
             "loss": self.loss,
+            "alpha": self.alpha,
         }
 
 
@@ -248,6 +253,7 @@ def distill(
     seed: int = 0,
     progress: bool = True,
     batch_to_input: BatchToInput = default_batch_to_input,
+    blend: BlendSchedule | None = None,
 ) -> DistillReport:
     """Train ``model`` to reproduce ``teacher``'s outputs on unlabeled ``data``.
 
@@ -289,6 +295,12 @@ def distill(
         seed: seeds the batch order.
         progress: show a progress bar (rank 0 only).
         batch_to_input: maps a batch of an iterable to model inputs.
+        blend: progressive distillation (:mod:`normswap.progressive`): the student's blends
+            follow this schedule step by step, so it starts as its teacher and ends as the
+            converted model; only checks at ``alpha = 1`` compete for the kept parameters,
+            patience counts from the end of the ramp, and the blends are replaced by their
+            targets at the end. The student must come from
+            :func:`~normswap.progressive.swap_progressive`.
 
     Returns:
         A :class:`DistillReport` with the agreement-vs-steps checks.
@@ -336,6 +348,17 @@ def distill(
     if not params:
         raise CalibrationError("the model has no parameter with requires_grad=True to train")
     features = converted_layers(model, teacher) if feature_weight > 0 else {}
+    if blend is not None and not blend_layers(model):
+        raise CalibrationError(
+            "distill(blend=...) needs a student with blends: convert it with "
+            "normswap.progressive.swap_progressive"
+        )
+
+    mixed = [1.0]  # the student's blend now
+
+    def mix(value: float) -> None:
+        set_blend(model, value)
+        mixed[0] = value
 
     generator = torch.Generator().manual_seed(seed + rank())
     batches = _training_batches(
@@ -369,7 +392,7 @@ def distill(
         nonlocal excluded
         with taps.paused():
             f = fidelity(model, teacher, val, batch_to_input=batch_to_input)
-            result = DistillCheck(step, elapsed(), f.agreement, f.kl, loss)
+            result = DistillCheck(step, elapsed(), f.agreement, f.kl, loss, mixed[0])
             if on_check is not None:
                 tick = clock()
                 with eval_mode(model):
@@ -381,8 +404,12 @@ def distill(
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=lr, total_steps=steps, pct_start=0.1, final_div_factor=40.0
     )
+    if blend is not None:
+        mix(blend.alpha(0))
     checks = [check(0, float("nan"))]
-    best, best_state, stale = checks[0], _state(model), 0
+    # Only the converted model itself (alpha = 1) competes for the kept parameters.
+    best: DistillCheck | None = checks[0] if checks[0].alpha >= 1.0 else None
+    best_state, stale = (_state(model) if best is not None else {}), 0
     stopped, step, seen, running, count = "steps", 0, 0, 0.0, 0
     bar = _progress(steps, progress)
 
@@ -392,7 +419,9 @@ def distill(
         c = check(step, running / max(count, 1))
         running, count = 0.0, 0
         checks.append(c)
-        if (c.agreement, -c.kl) > (best.agreement, -best.kl):
+        if c.alpha < 1.0:
+            return False
+        if best is None or (c.agreement, -c.kl) > (best.agreement, -best.kl):
             best, best_state, stale = c, _state(model), 0
         else:
             stale += 1
@@ -409,6 +438,8 @@ def distill(
                     if checks[-1].step != step:
                         evaluate()
                     break
+                if blend is not None:
+                    mix(blend.alpha(step))
                 if augment is not None and isinstance(inputs, Tensor):
                     inputs = augment(inputs)
                 with torch.no_grad():
@@ -440,17 +471,23 @@ def distill(
                 if out_of_time:
                     stopped = "time budget"
                     break
+        if best is None:  # stopped before the ramp's end: the converted model as it is now
+            mix(1.0)
+            evaluate()
     finally:
         taps.remove()
         if bar is not None:
             bar.close()
     model.load_state_dict(best_state)
+    if blend is not None:
+        set_blend(model, 1.0)
+        finish_blend(model)
     broadcast_module(model)
     return DistillReport(
         steps=step,
         seconds=elapsed(),
         stopped=stopped,
-        best_step=best.step,
+        best_step=best.step if best is not None else step,
         checks=tuple(checks),
         samples_seen=seen,
     )

@@ -23,6 +23,7 @@ from hydra.utils import get_method, instantiate
 from omegaconf import OmegaConf, open_dict
 
 import normswap
+from normswap.app.schema import NORM_CALLBACK_OPTIONS
 from normswap.app.train import build_norm_callback, register_configs
 
 CONF = Path(normswap.__file__).parent.parent / "conf"
@@ -99,7 +100,7 @@ def test_norm_options_match_the_specs(norm: str, tmp_path: Path) -> None:
         assert callback is None
         return
     fields = {f.name for f in dataclasses.fields(normswap.get_spec(callback.spec))}
-    callback_keys = {"spec", "include", "exclude", "calibrate", "calibrate_batches"}
+    callback_keys = {"spec", *NORM_CALLBACK_OPTIONS}
     assert set(cfg.norm) - callback_keys == fields, "YAML drifted from the spec"
     assert callback.spec.name == norm
 

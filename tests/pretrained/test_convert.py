@@ -38,7 +38,7 @@ def test_gn_conversion_comes_back_to_the_original():
     assert result.fidelity is not None and result.fidelity.samples == 128
     assert result.fidelity.agreement > 0.9
     assert result.fidelity == fidelity(model, original, held_out)
-    assert "fidelity on held-out inputs" in str(result)
+    assert "fidelity, in-domain (held-out val_data)" in str(result)
     assert result.to_dict()["calibration"]["samples"] == 256
 
 
@@ -111,3 +111,85 @@ def test_the_clock_measures_the_total_and_val_data_drives_early_stopping(monkeyp
     assert seen["val_data"] is val
     assert result.seconds % 7 == 0 and result.seconds > 0  # a difference of the fake clock
     assert result.fidelity is not None and result.fidelity.samples == 32
+
+
+def test_progressive_distillation_starts_at_the_teacher_and_ends_plain():
+    model = _teacher()
+    original = _teacher()
+    result = convert_pretrained(
+        model,
+        "gn",
+        _inputs(512, 2),
+        budget=60,
+        distill_steps=40,
+        lr=3e-3,
+        val_data=_inputs(128, 3),
+        ood_data=_inputs(64, 9) * 3 + 2,
+        progressive=0.5,
+        progress=False,
+        num_groups=4,
+    )
+    checks = result.distillation.checks
+    assert checks[0].alpha == 0.0 and checks[0].agreement == 1.0  # the student is the teacher
+    assert checks[-1].alpha == 1.0
+    assert result.distillation.best_step > 0 and checks[-1].step <= 40
+    kinds = {type(m).__name__ for m in model}
+    assert "GroupNorm" in kinds and "BlendNorm" not in kinds
+    assert result.fidelity.agreement > 0.9
+    assert result.ood_fidelity == fidelity(model, original, _inputs(64, 9) * 3 + 2)
+    text = str(result)
+    assert "in-domain (held-out val_data)" in text and "out-of-domain (ood_data)" in text
+    assert result.to_dict()["ood_fidelity"]["samples"] == 64
+
+
+def test_progressive_without_distillation_is_the_calibrated_swap():
+    model, plain, original = _teacher(), _teacher(), _teacher()
+    data = _inputs(256, 2)
+    convert_pretrained(
+        model, "gn", data, distill_steps=0, progressive=1.0, progress=False, num_groups=4
+    )
+    convert_pretrained(plain, "gn", data, distill_steps=0, progress=False, num_groups=4)
+    x = _inputs(16, 4)
+    assert [type(m) for m in model] == [type(m) for m in plain]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), plain(x), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(model(x), original(x), atol=1e-3)
+
+
+def test_adapt_teacher_reestimates_the_statistics_first():
+    from normswap import adapt_statistics
+
+    model, adapted = _teacher(), _teacher()
+    data = _inputs(256, 2) * 2 + 1
+    adapt_statistics(adapted, data)
+    result = convert_pretrained(
+        model,
+        "gn",
+        data,
+        distill_steps=0,
+        adapt_teacher=True,
+        val_data=_inputs(64, 3),
+        progress=False,
+        num_groups=4,
+    )
+    assert result.fidelity == fidelity(model, adapted, _inputs(64, 3))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"progressive": 1.5}, CalibrationError, "progressive must be a fraction"),
+        ({"progressive": True}, CalibrationError, "progressive must be a fraction"),
+        ({"adapt_teacher": "yes"}, CalibrationError, "adapt_teacher must be True or False"),
+        ({"ood_data": torch.empty(0, 3, 8, 8)}, CalibrationError, "ood_data"),
+        ({"progressive": 0.5, "spec": "ws_gn"}, SpecError, "no blend can undo"),
+    ],
+)
+def test_bad_progressive_arguments_modify_nothing(kwargs, error, match):
+    model = _teacher()
+    before = snapshot(model)
+    spec = kwargs.pop("spec", "gn")
+    with pytest.raises(error, match=match):
+        convert_pretrained(model, spec, _inputs(64, 2), progress=False, num_groups=4, **kwargs)
+    assert list(model.state_dict()) == list(before)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())

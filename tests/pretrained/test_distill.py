@@ -17,6 +17,7 @@ from normswap.errors import CalibrationError
 from normswap.pretrained.calibrate import calibrate
 from normswap.pretrained.distill import DistillReport, distill, hflip
 from normswap.pretrained.fidelity import Fidelity, fidelity
+from normswap.progressive import BlendSchedule
 
 
 def _teacher(seed: int = 0) -> nn.Module:
@@ -213,3 +214,10 @@ def test_ddp_ranks_end_with_identical_parameters(tmp_path: Path):
         assert torch.equal(value, ranks[1]["state"][key]), key
         changed |= not torch.equal(value, initial[key])
     assert changed or ranks[0]["best"] == 0
+
+
+def test_blend_needs_a_student_with_blends():
+    teacher = _teacher()
+    student = _student(teacher)
+    with pytest.raises(CalibrationError, match="swap_progressive"):
+        distill(student, teacher, _inputs(64, 1), steps=2, blend=BlendSchedule(end=2))

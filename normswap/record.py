@@ -19,6 +19,7 @@ from torch import nn
 from normswap.errors import NormSwapError, SwapError
 from normswap.families import get_family
 from normswap.modes import restore_training_flags, training_flags
+from normswap.progressive import swap_progressive
 from normswap.report import SwapReport
 from normswap.specs import NormSpec, spec_from_dict
 from normswap.surgery import swap
@@ -39,8 +40,13 @@ def surgery_record(
     report: SwapReport,
     include: str | list[str] | tuple[str, ...] | None = None,
     exclude: str | list[str] | tuple[str, ...] | None = None,
+    progressive: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The plain-data record of a swap (safe for ``torch.load(..., weights_only=True)``).
+
+    ``progressive`` (a progressive conversion's schedule and whether it ``finished``) says
+    that the model holds :class:`~normswap.norms.BlendNorm` layers until it finished;
+    :func:`replay` then rebuilds the blends.
 
     Example:
         >>> import torchvision, normswap
@@ -55,13 +61,16 @@ def surgery_record(
             return None
         return [value] if isinstance(value, str) else list(value)
 
-    return {
+    record = {
         "format": RECORD_FORMAT,
         "spec": dict(report.spec),
         "include": _list(include),
         "exclude": _list(exclude),
         "report": report.to_dict(),
     }
+    if progressive is not None:
+        record["progressive"] = dict(progressive)
+    return record
 
 
 def find_record(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
@@ -143,7 +152,9 @@ def replay(
     """Re-apply the recorded swap to ``model`` and check it does the same thing.
 
     Uses :func:`swap_for_training`, so a model in training mode can be restored (folded
-    values themselves come from the weights loaded next).
+    values themselves come from the weights loaded next). A record of an unfinished
+    progressive conversion rebuilds its blends (:func:`normswap.swap_progressive`; finish them
+    with :func:`normswap.finish_blend`).
 
     Raises:
         SwapError: the model differs from the one recorded (first differing path named).
@@ -154,13 +165,24 @@ def replay(
         >>> len(replay(torchvision.models.resnet18(), record))
         20
     """
-    report = swap_for_training(
-        model,
-        spec_from_dict(record["spec"]),
-        include=record.get("include"),
-        exclude=record.get("exclude"),
-        example_inputs=example_inputs,
-    )
+    progressive = record.get("progressive")
+    blended = isinstance(progressive, Mapping) and not progressive.get("finished", False)
+    if blended:
+        report = swap_progressive(
+            model,
+            spec_from_dict(record["spec"]),
+            include=record.get("include"),
+            exclude=record.get("exclude"),
+            example_inputs=example_inputs,
+        )
+    else:
+        report = swap_for_training(
+            model,
+            spec_from_dict(record["spec"]),
+            include=record.get("include"),
+            exclude=record.get("exclude"),
+            example_inputs=example_inputs,
+        )
     recorded = record.get("report", {}).get("records")
     if recorded is not None:
         want = [(r["path"], r["action"], r["target"]) for r in recorded]

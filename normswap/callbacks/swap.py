@@ -10,19 +10,27 @@ from __future__ import annotations
 import copy
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import TensorBoardLogger
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
 from normswap.distributed import broadcast_module
 from normswap.errors import NormSwapError
 from normswap.inputs import BatchToInput, default_batch_to_input
+from normswap.progressive import (
+    BlendSchedule,
+    anchor_blend,
+    blend_layers,
+    finish_blend,
+    set_blend,
+    swap_progressive,
+)
 from normswap.record import RECORD_FORMAT, surgery_record, swap_for_training
 from normswap.report import SwapReport
 from normswap.specs import NormSpec, get_spec
@@ -62,6 +70,17 @@ class NormSwap(Callback):
     Module paths in ``include``/``exclude`` are relative to the LightningModule
     (``"model.layer4.*"`` for a module that holds the network as ``self.model``).
 
+    With ``progressive=``, the BatchNorms become :class:`~normswap.norms.BlendNorm` layers
+    (:func:`normswap.swap_progressive`): training starts exactly from the pretrained model
+    and the blends move to the new norm along the :class:`~normswap.BlendSchedule`, set
+    from ``trainer.global_step`` before every training batch (the same on every rank). When
+    ``fit`` ends at or after the schedule's ``end`` the blends are replaced by their target
+    norms (:func:`normswap.finish_blend`): a plain converted model. Checkpoints taken on the
+    way hold the blends and the schedule; ``trainer.fit(ckpt_path=...)`` resumes mid-ramp.
+    With ``calibrate=``, the target norms are calibrated (at ``alpha = 1``) before the ramp
+    starts, and the blends re-anchored, so step 0 is still the pretrained model
+    (:func:`normswap.calibrate_blend`).
+
     With ``sync_batchnorm=True``, BatchNorms that the spec leaves alone become SyncBatchNorm
     as usual (Lightning converts them after this callback ran). With ``"wn"`` and
     ``bn="fold"``, the module is put in eval mode for the swap only: folding uses the
@@ -84,6 +103,9 @@ class NormSwap(Callback):
         example_inputs: inputs for one traced forward pass of the LightningModule (needed
             for models torch.fx cannot trace when folding, and to check input ranks).
         strict: fail if any BatchNorm-family module would remain.
+        progressive: a :class:`~normswap.BlendSchedule`, its fields as a mapping
+            (``{"end": 1000, "shape": "cosine"}``), or the step at which the model is fully
+            converted (an int); ``None`` swaps at once.
         **overrides: spec field overrides, e.g. ``num_groups=16``.
 
     Example:
@@ -104,9 +126,13 @@ class NormSwap(Callback):
         batch_to_input: BatchToInput = default_batch_to_input,
         example_inputs: Any = None,
         strict: bool = False,
+        progressive: BlendSchedule | Mapping[str, Any] | int | None = None,
         **overrides: Any,
     ) -> None:
         super().__init__()
+        self.progressive = _schedule(progressive)
+        self._finished = False
+        self._alpha: float | None = None
         self.spec = get_spec(spec, **overrides)  # SpecError names the valid choices
         self.include = _patterns(include, "include")
         self.exclude = _patterns(exclude, "exclude")
@@ -165,7 +191,7 @@ class NormSwap(Callback):
             self._reference = _detached_copy(pl_module)
         report = self.convert(pl_module)
         self.report = report
-        record = surgery_record(report, self.include, self.exclude)
+        record = surgery_record(report, self.include, self.exclude, self._progress())
         setattr(pl_module, _APPLIED, record)
         self._log_report(trainer, report)
 
@@ -179,6 +205,15 @@ class NormSwap(Callback):
             >>> BackboneSwap("ln").spec.name
             'ln'
         """
+        if self.progressive is not None:
+            return swap_progressive(
+                pl_module,
+                self.spec,
+                include=self.include,
+                exclude=self.exclude,
+                example_inputs=self.example_inputs,
+                strict=self.strict,
+            )
         return swap_for_training(
             pl_module,
             self.spec,
@@ -219,10 +254,55 @@ class NormSwap(Callback):
                 break
         if not batches:
             raise NormSwapError("NormSwap(calibrate=...): the training dataloader is empty")
-        self.calibrate(pl_module, reference, batches, batch_to_input=self.batch_to_input)
+        if self.progressive is None:
+            self.calibrate(pl_module, reference, batches, batch_to_input=self.batch_to_input)
+        else:  # calibrate the targets (alpha = 1); step 0 stays the pretrained model
+            layers = blend_layers(pl_module)
+            alphas = [layer._alpha for layer in layers]
+            set_blend(pl_module, 1.0)
+            self.calibrate(pl_module, reference, batches, batch_to_input=self.batch_to_input)
+            for layer, alpha in zip(layers, alphas, strict=True):
+                layer.set_alpha(alpha)
+            anchor_blend(pl_module)
         broadcast_module(pl_module)
         self._calibrated = True
         self._reference = None  # free the copy
+
+    # ------------------------------------------------------------------ progressive conversion
+
+    def _progress(self) -> dict[str, Any] | None:
+        if self.progressive is None:
+            return None
+        return {**self.progressive.to_dict(), "finished": self._finished}
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.progressive is None or self._finished:
+            return
+        alpha = self.progressive.alpha(trainer.global_step)
+        if alpha != self._alpha:  # one Python comparison per step while nothing changes
+            set_blend(pl_module, alpha)
+            self._alpha = alpha
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.progressive is None or self._finished:
+            return
+        if trainer.global_step < self.progressive.end:
+            rank_zero_warn(
+                f"NormSwap(progressive=...): training stopped at step {trainer.global_step}, "
+                f"before the schedule's end ({self.progressive.end}); the model still holds "
+                "blends (resume from a checkpoint to continue, or call normswap.finish_blend)"
+            )
+            return
+        set_blend(pl_module, 1.0)
+        finish_blend(pl_module)
+        self._finished = True
+        record = getattr(pl_module, _APPLIED, None)
+        if record is not None:
+            record["progressive"] = self._progress()
 
     # ------------------------------------------------------------------ checkpoint state
 
@@ -230,7 +310,7 @@ class NormSwap(Callback):
     def state_dict(self) -> dict[str, Any]:
         if self.report is None:
             return {}
-        state = surgery_record(self.report, self.include, self.exclude)
+        state = surgery_record(self.report, self.include, self.exclude, self._progress())
         state["calibrated"] = self._calibrated or self.calibrate is None
         return state
 
@@ -255,10 +335,48 @@ class NormSwap(Callback):
                     "the checkpoint's swap plan differs from the one applied to this model "
                     "(different include/exclude or architecture)"
                 )
+        saved = state_dict.get("progressive")
+        mine = self._progress()
+        if (saved is None) != (mine is None) or (
+            saved is not None and mine is not None and _without(saved) != _without(mine)
+        ):
+            raise NormSwapError(
+                f"the checkpoint's progressive schedule is {saved and _without(saved)}, but this "
+                f"NormSwap is configured with {mine and _without(mine)}: configure it as it was"
+            )
+        if saved is not None and saved.get("finished"):
+            raise NormSwapError(
+                "the checkpoint was saved after its progressive conversion finished (plain "
+                "norms): resume it with NormSwap(progressive=None)"
+            )
+        self._alpha = None  # set from the restored global step at the next batch
         # Calibrated weights come from the checkpoint: never calibrate a resumed model again.
         self._calibrated = bool(state_dict.get("calibrated", True))
         if self._calibrated:
             self._reference = None
+
+
+def _without(progress: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in progress.items() if k != "finished"}
+
+
+def _schedule(value: BlendSchedule | Mapping[str, Any] | int | None) -> BlendSchedule | None:
+    if value is None or isinstance(value, BlendSchedule):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return BlendSchedule(end=value)
+    if isinstance(value, Mapping):
+        unknown = set(value) - {"end", "start", "shape"}
+        if unknown:
+            raise NormSwapError(
+                f"NormSwap(progressive=...): unknown schedule field(s) {sorted(unknown)}; "
+                "valid: end, start, shape"
+            )
+        return BlendSchedule(**value)
+    raise NormSwapError(
+        "NormSwap(progressive=...) takes a BlendSchedule, a mapping of its fields "
+        f"(end, start, shape) or the end step (an int), got {value!r}"
+    )
 
 
 def _detached_copy(module: nn.Module) -> nn.Module:

@@ -74,7 +74,11 @@ bench-grid: venv assets ## step time of every target over the whole grid (about 
 	$(PY) benchmarks/step_grid.py benchmarks/results/step_time_full_64.json \
 	  benchmarks/results/step_time_full_224.json
 
-bench-fidelity: venv assets ## pretrained-conversion fidelity (slow: about an hour), then per-layer costs
+bench-fidelity: venv assets ## pretrained conversion: transfer grid (hours), out-of-domain agreement, fidelity
+	$(PY) benchmarks/transfer.py --methods gn_convert --batches 2 --lrs 1e-4 --seeds 0 --reference-batch 0
+	$(PY) benchmarks/transfer.py --shard 0/2 & $(PY) benchmarks/transfer.py --shard 1/2; wait
+	$(PY) benchmarks/transfer.py --report
+	$(PY) benchmarks/ood.py $(ARGS)
 	$(PY) benchmarks/fidelity.py $(ARGS)
 	$(PY) benchmarks/fidelity_depth.py | tee benchmarks/results/fidelity_depth.txt
 

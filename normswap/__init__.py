@@ -45,6 +45,7 @@ from normswap.families.ln import LayerNormSpec
 from normswap.families.ln2d import LayerNorm2dSpec
 from normswap.families.wn import WeightNormSpec
 from normswap.families.ws_gn import WSGroupNormSpec
+from normswap.finalize import FinalizeReport, finalize, register_finalizer
 from normswap.graph import GraphFacts, trace
 from normswap.graph.fold import fold_conv_bn
 from normswap.monitor.families import (
@@ -111,6 +112,7 @@ __all__ = [
     "DistillReport",
     "Family",
     "Fidelity",
+    "FinalizeReport",
     "Fitter",
     "FoldError",
     "FrozenAffine",
@@ -154,6 +156,7 @@ __all__ = [
     "distill",
     "family_of",
     "fidelity",
+    "finalize",
     "finish_blend",
     "fold_bn",
     "fold_conv_bn",
@@ -165,6 +168,7 @@ __all__ = [
     "plan",
     "register_blend_statistics",
     "register_family",
+    "register_finalizer",
     "register_fitter",
     "register_monitor_family",
     "register_monitor_rule",

@@ -197,19 +197,33 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         report, conversion = result.report, result.to_dict()
         del conversion["report"]  # the record below holds the plan
         print(result)
+    record = surgery_record(report, args.include or None, args.exclude or None)
+    finalized = None
+    if args.finalize:
+        from normswap.finalize import finalize
+
+        finalized = finalize(model)
+        record["finalized"] = True
+        print(finalized)
     torch.save(
         {
             "format": CHECKPOINT_FORMAT,
             "model": args.model,
             "source": args.source,
             "weights": args.weights,
-            "normswap": surgery_record(report, args.include or None, args.exclude or None),
+            "normswap": record,
             "conversion": conversion,
             "state_dict": model.state_dict(),
         },
         out,
     )
     print(f"saved {out}")
+    if finalized is not None and finalized.plain:
+        program = out.with_suffix(".pt2")
+        shape = _parse_shape(args.input_shape) or (1, 3, args.size, args.size)
+        exported = torch.export.export(model, (torch.zeros(shape),))
+        torch.export.save(exported, program)
+        print(f"saved {program} (torch.export program for input {tuple(shape)}: torch only)")
     return 0
 
 
@@ -281,6 +295,12 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--samples", type=int, default=2000, help="images read for --calibrate")
     convert.add_argument(
         "--budget", type=float, default=600.0, help="seconds for calibration + distillation"
+    )
+    convert.add_argument(
+        "--finalize",
+        action="store_true",
+        help="save the inference form: plain torch modules where they compute the same "
+        "(normswap.finalize); when every layer is plain, also OUT.pt2, a torch.export program",
     )
     convert.add_argument(
         "--progressive",

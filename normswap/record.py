@@ -18,6 +18,7 @@ from torch import nn
 
 from normswap.errors import NormSwapError, SwapError
 from normswap.families import get_family
+from normswap.finalize import finalize
 from normswap.modes import restore_training_flags, training_flags
 from normswap.progressive import swap_progressive
 from normswap.report import SwapReport
@@ -210,7 +211,8 @@ def restore(
 
     Works with Lightning checkpoints written with the ``NormSwap`` callback (pass a freshly
     built LightningModule, or the inner model with ``checkpoint["state_dict"]`` keys that
-    match it) and with ``normswap convert`` files. Files are loaded with
+    match it) and with ``normswap convert`` files (``--finalize`` ones are finalized again
+    before loading; call ``model.eval()`` before using them). Files are loaded with
     ``weights_only=True``: nothing but tensors and plain data is unpickled.
 
     Args:
@@ -235,6 +237,11 @@ def restore(
         checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
     record = find_record(checkpoint)
     report = replay(model, record, example_inputs=example_inputs)
+    if record.get("finalized"):  # saved in its inference form (normswap.finalize)
+        flags = training_flags(model)
+        model.eval()
+        finalize(model)
+        restore_training_flags(model, flags)
     state = checkpoint.get("state_dict")
     if state is None:
         raise NormSwapError("the checkpoint has no 'state_dict' to load")

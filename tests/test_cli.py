@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -247,3 +249,32 @@ def test_norm_group_overrides_like_normswap_train(
         assert cli.main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("normswap: error:") and message in err, err
+
+
+def test_convert_finalize_writes_a_torch_only_program(tmp_path: Path) -> None:
+    out = tmp_path / "resnet18_gn.pt"
+    argv = ["convert", "resnet18", "--to", "gn", "--out", str(out), "--finalize"]
+    assert cli.main([*argv, "--input-shape", "1,3,64,64"]) == 0
+    saved = torch.load(out, weights_only=True)
+    assert saved["normswap"]["finalized"] is True
+    assert "bn1.weight" in saved["state_dict"]
+    rebuilt = torchvision.models.resnet18()
+    normswap.restore(rebuilt, out)
+    rebuilt.eval()
+    assert type(rebuilt.bn1) is torch.nn.GroupNorm
+    x = torch.randn(1, 3, 64, 64)
+    torch.save(x, tmp_path / "x.pt")
+    with torch.no_grad():
+        torch.save(rebuilt(x), tmp_path / "y.pt")
+    # The program runs where normswap cannot be imported.
+    script = (
+        "import sys; sys.modules['normswap'] = None\n"
+        "import torch\n"
+        f"program = torch.export.load({str(out.with_suffix('.pt2'))!r})\n"
+        f"x = torch.load({str(tmp_path / 'x.pt')!r}, weights_only=True)\n"
+        f"y = torch.load({str(tmp_path / 'y.pt')!r}, weights_only=True)\n"
+        "torch.testing.assert_close(program.module()(x), y, atol=1e-5, rtol=1e-5)\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]

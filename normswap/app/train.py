@@ -16,10 +16,12 @@ from __future__ import annotations
 import logging
 import sys
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import hydra
 import pytorch_lightning as pl
+import torch
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
@@ -28,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from normswap.app.runlog import RunLog
 from normswap.errors import NormSwapError
+from normswap.finalize import finalize
 
 __all__ = ["build_norm_callback", "main", "register_configs", "register_recipes", "run"]
 
@@ -153,7 +156,40 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.run_test and not trainer.fast_dev_run:
         results = trainer.test(task, datamodule=datamodule, verbose=False)
         test_metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
+    if cfg.get("finalize") and trainer.is_global_zero:
+        runlog.info["finalized"] = save_final(task, example, Path(out_dir))
     return runlog.finish(trainer, test_metrics)
+
+
+def save_final(task: pl.LightningModule, example: Any, out_dir: Path) -> bool:
+    """Write the trained model's inference form (:func:`normswap.finalize`) to ``out_dir``.
+
+    ``model_final.pt`` holds the surgery record (marked finalized) and the state dict, for
+    :func:`normswap.restore`; when every layer became plain, ``model_final.pt2`` is a
+    ``torch.export`` program of ``task.model`` for the example input that needs nothing but
+    torch. Returns whether the model is plain.
+
+    Example:
+        >>> save_final(task, example, out_dir)  # doctest: +SKIP
+        True
+    """
+    task.eval()
+    report = finalize(task)
+    print(report)
+    record = getattr(task, "_normswap_record", None)
+    record = dict(record) if record is not None else None
+    if record is not None:
+        record["finalized"] = True
+    torch.save({"normswap": record, "state_dict": task.state_dict()}, out_dir / "model_final.pt")
+    if report.plain:
+        args = example if isinstance(example, tuple) else (example,)
+        try:
+            program = torch.export.export(task.model, args)
+        except Exception as err:  # the state dict is saved; say why there is no program
+            print(f"normswap-train: model_final.pt2 not written: torch.export failed: {err}")
+            return True
+        torch.export.save(program, out_dir / "model_final.pt2")
+    return report.plain
 
 
 @hydra.main(config_path="pkg://normswap.conf", config_name="train", version_base="1.3")

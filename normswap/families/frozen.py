@@ -84,6 +84,7 @@ class FrozenTarget(Target):
             src.bias,
             requires_grad=new_requires_grad(src, spec),
         )
+        new.input_ranks = src.ranks  # for normswap.finalize: which BatchNormNd stands for it
         return new.train(src.training)
 
 

@@ -52,6 +52,9 @@ class FrozenAffine(nn.Module):
                 f"FrozenAffine: num_channels must be a positive int, got {num_channels!r}"
             )
         self.num_channels = num_channels
+        #: Input ranks the BatchNorm it stands for accepted (``(4,)`` for BatchNorm2d), when
+        #: known: :func:`normswap.finalize` picks the plain BatchNormNd from it.
+        self.input_ranks: tuple[int, ...] | None = None
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.ones(num_channels, **factory), requires_grad)
         self.bias = nn.Parameter(torch.zeros(num_channels, **factory), requires_grad)

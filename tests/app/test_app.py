@@ -359,3 +359,32 @@ def test_schema_types_come_from_the_code(tmp_path: Path) -> None:
         with pytest.raises(Exception, match=override.partition("=")[0]) as err:
             _compose([override], tmp_path)
         assert message in str(err.value.__cause__)
+
+
+def test_finalize_hands_over_a_torch_only_program(tmp_path: Path) -> None:
+    proc = _train(
+        [
+            "norm=gn",
+            "data=digits",
+            "callbacks=minimal",
+            "logger=csv",
+            "model.input_size=16",
+            "++trainer.max_steps=2",
+            "++trainer.limit_val_batches=1",
+            "++trainer.limit_test_batches=1",
+            "finalize=true",
+            f"hydra.run.dir={tmp_path}/run",
+        ],
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "run"
+    saved = torch.load(run / "model_final.pt", weights_only=True)
+    assert saved["normswap"]["finalized"] is True
+    assert json.loads((run / "metrics.json").read_text())["finalized"] is True
+    program = torch.export.load(run / "model_final.pt2")
+    kinds = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert any("group_norm" in k for k in kinds), kinds  # the plain norm op in the graph
+    (x,) = program.example_inputs[0]  # a training batch: the data's channels and size
+    assert program.module()(torch.randn_like(x)).shape == (x.shape[0], 10)
+    assert "model.net.bn1.weight" in saved["state_dict"]

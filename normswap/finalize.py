@@ -196,8 +196,8 @@ register_finalizer(AdaLIN, _kept("AdaLIN mixes instance and layer statistics (le
 register_finalizer(
     AdaLN,
     _kept(
-        "AdaLN needs its condition: export it with the condition as an explicit model input "
-        "(README: 'Export a conditioned model')"
+        "AdaLN needs its condition: export normswap.Conditioned(model), which takes the "
+        "condition as an explicit input"
     ),
 )
 for _act in ACT_VARIANTS.values():

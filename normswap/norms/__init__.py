@@ -24,7 +24,7 @@ from normswap.norms.act import (
     NormThen,
     with_after,
 )
-from normswap.norms.adaptive import AdaLIN, AdaLN, condition
+from normswap.norms.adaptive import AdaLIN, AdaLN, Conditioned, condition
 from normswap.norms.blend import BlendNorm
 from normswap.norms.common import ChannelAffineNorm
 from normswap.norms.dispatch import kernel_dispatch_enabled, set_kernel_dispatch
@@ -53,6 +53,7 @@ __all__ = [
     "AfterNorm",
     "BlendNorm",
     "ChannelAffineNorm",
+    "Conditioned",
     "FrozenAffine",
     "FrozenAffineAct",
     "GroupNorm",

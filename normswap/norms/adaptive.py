@@ -28,7 +28,12 @@ from normswap.norms.common import (
 )
 from normswap.norms.dispatch import group_norm
 
-__all__ = ["AdaLIN", "AdaLN", "condition"]
+__all__ = [
+    "AdaLIN",
+    "AdaLN",
+    "Conditioned",
+    "condition",
+]
 
 
 def _channel_view(t: Tensor, x: Tensor) -> Tensor:
@@ -105,6 +110,30 @@ class AdaLIN(ChannelAffineNorm):
             >>> AdaLIN(4)(torch.randn(2, 4, 5)).shape
             torch.Size([2, 4, 5])
         """
+        if not torch.jit.is_scripting():
+            self._check(x)
+        inst = group_norm(x, self.num_channels, None, None, self.eps)
+        layer = group_norm(x, 1, None, None, self.eps)
+        # lerp(ln, in, rho) = rho * in + (1 - rho) * ln
+        # Parameters follow the activation's dtype (under autocast group_norm returns bf16/fp16
+        # while the parameters stay float32; lerp/addcmul need one dtype).
+        view = [1, -1] + [1] * (x.dim() - 2)
+        rho = self.rho.clamp(0, 1).view(view)
+        cast = rho.dtype != layer.dtype
+        out = torch.lerp(layer, inst, rho.to(layer.dtype) if cast else rho)
+        weight, bias = self.weight, self.bias
+        if weight is not None and bias is not None:
+            weight, bias = weight.view(view), bias.view(view)
+            if cast:
+                weight, bias = weight.to(out.dtype), bias.to(out.dtype)
+            out = torch.addcmul(bias, out, weight)
+        if torch.jit.is_scripting() or x.is_contiguous():
+            return out
+        else:
+            return keep_memory_format(out, x)
+
+    @torch.jit.unused
+    def _check(self, x: Tensor) -> None:
         if x.dim() < 3 or x.shape[1] != self.num_channels:
             refuse_input(self, x, self.num_channels, min_dim=3)
         if spatial_numel(x) == 1:
@@ -113,21 +142,6 @@ class AdaLIN(ChannelAffineNorm):
                 f"spatial element per channel, so its instance statistics are undefined; use "
                 f"LayerNorm or GroupNorm here"
             )
-        inst = group_norm(x, self.num_channels, None, None, self.eps)
-        layer = group_norm(x, 1, None, None, self.eps)
-        # lerp(ln, in, rho) = rho * in + (1 - rho) * ln
-        # Parameters follow the activation's dtype (under autocast group_norm returns bf16/fp16
-        # while the parameters stay float32; lerp/addcmul need one dtype).
-        view = (1, -1, *([1] * (x.dim() - 2)))
-        rho = self.rho.clamp(0, 1).view(view)
-        cast = rho.dtype != layer.dtype
-        out = torch.lerp(layer, inst, rho.to(layer.dtype) if cast else rho)
-        if self.weight is not None and self.bias is not None:
-            weight, bias = self.weight.view(view), self.bias.view(view)
-            if cast:
-                weight, bias = weight.to(out.dtype), bias.to(out.dtype)
-            out = torch.addcmul(bias, out, weight)
-        return out if x.is_contiguous() else keep_memory_format(out, x)
 
     def extra_repr(self) -> str:
         """Describe the layer: channels, eps, rho_init and affine."""
@@ -325,3 +339,34 @@ def condition(model: nn.Module, c: Tensor) -> Iterator[None]:
     finally:
         for layer, value in zip(layers, previous, strict=True):
             layer.condition = value
+
+
+class Conditioned(nn.Module):
+    """``model`` with the AdaLN condition as an explicit second input: ``forward(x, c)``.
+
+    For export (``torch.export``, ``torch.onnx.export(..., dynamo=True)``, ``torch.jit.trace``)
+    and serving, where a context manager cannot be part of the call: the exported graph takes
+    the condition as an input. Same result as ``with condition(model, c): model(x)``.
+
+    Args:
+        model: a model holding :class:`AdaLN` layers.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), AdaLN(8, cond_dim=4))
+        >>> x, c = torch.randn(2, 3, 8, 8), torch.randn(2, 4)
+        >>> program = torch.export.export(Conditioned(net), (x, c))
+        >>> with condition(net, c):
+        ...     torch.allclose(program.module()(x, c), net(x))
+        True
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        if not any(isinstance(m, AdaLN) for m in model.modules()):
+            raise ConditionError("Conditioned: the model holds no AdaLN layer; export it as is")
+        self.model = model
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        """Run ``model(x)`` with every AdaLN conditioned on ``c``."""
+        with condition(self.model, c):
+            return self.model(x)

@@ -121,7 +121,7 @@ class ChannelAffineNorm(nn.Module):
     """
 
     #: Module path set by the surgery so that forward-time errors can name the layer.
-    normswap_path: str = ""
+    normswap_path = ""  # str; not annotated: TorchScript reads class annotations
 
     def __init__(
         self,

@@ -85,12 +85,26 @@ def group_norm(
     """``torch.group_norm`` by the faster CPU kernel for ``x``'s layout, in ``x``'s format.
 
     Calls the op ``F.group_norm`` wraps directly: the wrapper's Python checks cost measurably
-    at the small maps of late CNN stages, and the layers check their input themselves.
+    at the small maps of late CNN stages, and the layers check their input themselves. Under
+    ``torch.jit.script``, ``torch.jit.trace``, ``torch.export`` and ``torch.compile`` it is the
+    plain op: a graph holds ``group_norm`` itself, not the eager layout choices (which depend on
+    ``requires_grad`` and would make a traced graph differ from run to run).
 
     Example:
         >>> group_norm(torch.randn(2, 8, 4, 4), 4, None, None, 1e-5).shape
         torch.Size([2, 8, 4, 4])
     """
+    if torch.jit.is_scripting():
+        return torch.group_norm(x, groups, weight, bias, eps)
+    else:
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return torch.group_norm(x, groups, weight, bias, eps)
+        return _dispatched(x, groups, weight, bias, eps)
+
+
+def _dispatched(
+    x: Tensor, groups: int, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> Tensor:
     if not _ENABLED or not x.is_cpu:
         out = torch.group_norm(x, groups, weight, bias, eps)
         fmt = CHANNELS_LAST.get(x.dim())

@@ -37,7 +37,7 @@ class FrozenAffine(nn.Module):
     """
 
     #: Module path set by the surgery so that forward-time errors can name the layer.
-    normswap_path: str = ""
+    normswap_path = ""  # str; not annotated: TorchScript reads class annotations
 
     def __init__(
         self,
@@ -102,13 +102,18 @@ class FrozenAffine(nn.Module):
             >>> FrozenAffine(3)(torch.randn(2, 3)).shape
             torch.Size([2, 3])
         """
-        if x.dim() < 2 or x.shape[1] != self.num_channels:
-            refuse_input(self, x, self.num_channels, min_dim=2)
-        view = (1, -1, *([1] * (x.dim() - 2)))
+        if not torch.jit.is_scripting():
+            self._check(x)
+        view = [1, -1] + [1] * (x.dim() - 2)
         weight, bias = self.weight.view(view), self.bias.view(view)
         if weight.dtype != x.dtype:  # autocast: follow the activation's dtype, as BN's output does
             weight, bias = weight.to(x.dtype), bias.to(x.dtype)
         return torch.addcmul(bias, x, weight)
+
+    @torch.jit.unused
+    def _check(self, x: Tensor) -> None:
+        if x.dim() < 2 or x.shape[1] != self.num_channels:
+            refuse_input(self, x, self.num_channels, min_dim=2)
 
     def extra_repr(self) -> str:
         """Describe the layer: channels and whether it trains."""

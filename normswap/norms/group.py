@@ -150,7 +150,7 @@ class GroupNorm(nn.GroupNorm):
     """
 
     #: Module path set by the surgery so that forward-time errors can name the layer.
-    normswap_path: str = ""
+    normswap_path = ""  # str; not annotated: TorchScript reads class annotations
 
     def __init__(
         self,
@@ -180,6 +180,12 @@ class GroupNorm(nn.GroupNorm):
             >>> GroupNorm(8, num_groups=4)(torch.randn(2, 8, 3)).shape
             torch.Size([2, 8, 3])
         """
+        if not torch.jit.is_scripting():  # eager checks; a scripted layer relies on the op's
+            self._check(input)
+        return group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+
+    @torch.jit.unused
+    def _check(self, input: Tensor) -> None:
         if input.dim() < 2 or input.shape[1] != self.num_channels:
             refuse_input(self, input, self.num_channels, min_dim=2)
         # One element per group needs one channel per group and a single position.
@@ -190,7 +196,6 @@ class GroupNorm(nn.GroupNorm):
                 f"{tuple(input.shape)}, so its output would be the constant bias; use fewer "
                 f"groups (e.g. num_groups=1, a LayerNorm) or a larger spatial extent"
             )
-        return group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:
         """Describe the layer: channels, groups, eps and affine."""

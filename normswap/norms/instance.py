@@ -119,16 +119,8 @@ class InstanceNorm(ChannelAffineNorm):
             >>> InstanceNorm(4)(torch.randn(2, 4, 5)).shape
             torch.Size([2, 4, 5])
         """
-        if x.dim() < 3 or x.shape[1] != self.num_channels:
-            refuse_input(self, x, self.num_channels, min_dim=3)
-        use_input_stats = self.training or not self.track_running_stats
-        if use_input_stats and spatial_numel(x) == 1:
-            raise NormSwapError(
-                f"{where(self)}: InstanceNorm got input of shape {tuple(x.shape)} with a single "
-                f"spatial element per channel, so its output would be the constant bias; use a "
-                f"norm whose statistics span channels or the batch (LayerNorm, GroupNorm, "
-                f"BatchNorm) here"
-            )
+        if not torch.jit.is_scripting():
+            self._check(x)
         if not self.track_running_stats:
             return group_norm(x, self.num_channels, self.weight, self.bias, self.eps)
         if not self.training:
@@ -137,9 +129,11 @@ class InstanceNorm(ChannelAffineNorm):
             return F.batch_norm(
                 x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
             )
-        assert self.num_batches_tracked is not None
-        self.num_batches_tracked.add_(1)
-        factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        tracked = self.num_batches_tracked
+        assert tracked is not None
+        tracked.add_(1)
+        momentum = self.momentum
+        factor = 1.0 / float(tracked) if momentum is None else momentum
         out = F.instance_norm(
             x,
             self.running_mean,
@@ -150,11 +144,31 @@ class InstanceNorm(ChannelAffineNorm):
             momentum=factor,
             eps=self.eps,
         )
+        if torch.jit.is_scripting():
+            return out
+        else:
+            return self._own_copy(out, x)
+
+    @torch.jit.unused
+    def _own_copy(self, out: Tensor, x: Tensor) -> Tensor:
         if out._is_view() and out.requires_grad:
             # F.instance_norm returns a view of its batch-norm output; an in-place op after this
             # layer (ReLU(inplace=True)) on a view is replayed through copies in backward.
             return out.clone(memory_format=memory_format(x))
         return keep_memory_format(out, x)
+
+    @torch.jit.unused
+    def _check(self, x: Tensor) -> None:
+        if x.dim() < 3 or x.shape[1] != self.num_channels:
+            refuse_input(self, x, self.num_channels, min_dim=3)
+        use_input_stats = self.training or not self.track_running_stats
+        if use_input_stats and spatial_numel(x) == 1:
+            raise NormSwapError(
+                f"{where(self)}: InstanceNorm got input of shape {tuple(x.shape)} with a single "
+                f"spatial element per channel, so its output would be the constant bias; use a "
+                f"norm whose statistics span channels or the batch (LayerNorm, GroupNorm, "
+                f"BatchNorm) here"
+            )
 
     def extra_repr(self) -> str:
         """Describe the layer: channels, eps, momentum, affine and running statistics."""

@@ -65,6 +65,12 @@ class LayerNorm(ChannelAffineNorm):
             >>> LayerNorm(4)(torch.randn(3, 4)).shape
             torch.Size([3, 4])
         """
+        if not torch.jit.is_scripting():
+            self._check(x)
+        return group_norm(x, 1, self.weight, self.bias, self.eps)
+
+    @torch.jit.unused
+    def _check(self, x: Tensor) -> None:
         if x.dim() < 2 or x.shape[1] != self.num_channels:
             refuse_input(self, x, self.num_channels, min_dim=2)
         if self.num_channels == 1 and spatial_numel(x) == 1:
@@ -73,7 +79,6 @@ class LayerNorm(ChannelAffineNorm):
                 f"{tuple(x.shape)}, so its output would be the constant bias; it needs more "
                 f"than one channel or position"
             )
-        return group_norm(x, 1, self.weight, self.bias, self.eps)
 
 
 class LayerNorm2d(ChannelAffineNorm):
@@ -117,6 +122,30 @@ class LayerNorm2d(ChannelAffineNorm):
             >>> LayerNorm2d(4)(torch.randn(2, 4, 5)).shape
             torch.Size([2, 4, 5])
         """
+        if torch.jit.is_scripting():
+            return self._plain(x)
+        else:
+            if torch.jit.is_tracing() or torch.compiler.is_compiling():
+                return self._plain(x)  # a graph of plain ops, whatever the layout
+            return self._eager(x)
+
+    def _plain(self, x: Tensor) -> Tensor:
+        """``F.layer_norm`` over the channel dim moved last, and back (one graph for any
+        layout: what scripting, tracing and export record)."""
+        shape = [self.num_channels]
+        if x.dim() == 2:
+            return F.layer_norm(x, shape, self.weight, self.bias, self.eps)
+        # Explicit permutations (movedim(1, -1) exports to ONNX as a Transpose with perm -1).
+        last = list(range(x.dim()))
+        last.append(last.pop(1))  # (0, 2, ..., 1)
+        back = [0, x.dim() - 1]
+        for d in range(1, x.dim() - 1):
+            back.append(d)  # (0, last, 1, ...)
+        out = F.layer_norm(x.permute(last), shape, self.weight, self.bias, self.eps)
+        return out.permute(back)
+
+    @torch.jit.unused
+    def _eager(self, x: Tensor) -> Tensor:
         if x.dim() < 2 or x.shape[1] != self.num_channels:
             refuse_input(self, x, self.num_channels, min_dim=2)
         if self.num_channels == 1:

@@ -1,0 +1,136 @@
+"""A converted model goes where the original went: TorchScript (script and trace), ONNX through
+both exporters run in onnxruntime, torch.export, and torch.save of the module — for every
+registered family, on a small CNN and on a torchvision model. Weight norm and weight
+standardization are torch parametrizations, which torch itself neither scripts nor pickles:
+those families get there through normswap.finalize (tested here too)."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+import torchvision
+from families_matrix import FAMILIES, cond_dim, options
+from torch import nn
+
+import normswap
+
+#: Families whose converted model holds torch parametrizations until finalized.
+PARAMETRIZED = {"wn", "ws_gn"}
+ATOL = 1e-4
+
+
+def _cnn() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1, bias=False),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 10),
+    )
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2)
+    return model.eval()
+
+
+def _model(kind: str, name: str) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """The converted model in eval mode and its inputs (AdaLN: wrapped to take ``c``)."""
+    torch.manual_seed(0)
+    if kind == "cnn":
+        model, x = _cnn(), torch.randn(2, 3, 16, 16)
+    else:
+        model, x = torchvision.models.resnet18(num_classes=10).eval(), torch.randn(2, 3, 64, 64)
+    normswap.swap(model, name, example_inputs=x[:1], **options(name))
+    model.eval()
+    dim = cond_dim(name)
+    if dim is None:
+        return model, (x,)
+    return normswap.Conditioned(model), (x, torch.randn(2, dim))
+
+
+def _ready(model: nn.Module, name: str) -> nn.Module:
+    if name in PARAMETRIZED:
+        assert normswap.finalize(model).plain
+    return model
+
+
+@pytest.mark.parametrize("kind", ["cnn", "resnet18"])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_trace_export_and_onnx_torchscript_exporter(kind: str, name: str) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    model, args = _model(kind, name)
+    with torch.no_grad():
+        expected = model(*args)
+        traced = torch.jit.trace(model, args)
+        torch.testing.assert_close(traced(*args), expected, atol=ATOL, rtol=ATOL)
+        program = torch.export.export(model, args)
+        torch.testing.assert_close(program.module()(*args), expected, atol=ATOL, rtol=ATOL)
+    # The exported graph holds the plain norm ops, not the eager kernel dispatch.
+    ops = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    norm_ops = {"group_norm", "layer_norm", "batch_norm", "native_group_norm", "instance_norm"}
+    if name not in ("wn",):
+        assert any(any(op in o for op in norm_ops) for o in ops) or name == "frozen", ops
+    buf = io.BytesIO()
+    torch.onnx.export(model, args, buf, dynamo=False)
+    session = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
+    feeds = {i.name: a.numpy() for i, a in zip(session.get_inputs(), args, strict=True)}
+    (out,) = session.run(None, feeds)
+    torch.testing.assert_close(torch.from_numpy(out), expected, atol=ATOL, rtol=ATOL)
+
+
+@pytest.mark.parametrize("kind", ["cnn", "resnet18"])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_script_and_save(kind: str, name: str, tmp_path) -> None:
+    model, args = _model(kind, name)
+    model = _ready(model, name)
+    with torch.no_grad():
+        expected = model(*args)
+    if cond_dim(name) is None:
+        scripted = torch.jit.script(model)
+        torch.testing.assert_close(scripted(*args), expected, atol=ATOL, rtol=ATOL)
+        path = tmp_path / "scripted.pt"
+        torch.jit.save(scripted, path)
+        torch.testing.assert_close(torch.jit.load(path)(*args), expected, atol=ATOL, rtol=ATOL)
+    else:  # the condition is a Python-side context: trace the wrapper instead (above)
+        with pytest.raises(RuntimeError):
+            torch.jit.script(model)
+    path = tmp_path / "module.pt"
+    torch.save(model, path)
+    loaded = torch.load(path, weights_only=False)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(*args), expected, atol=ATOL, rtol=ATOL)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_onnx_dynamo_exporter(name: str, tmp_path) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    model, args = _model("cnn", name)
+    with torch.no_grad():
+        expected = model(*args)
+    path = tmp_path / "model.onnx"
+    torch.onnx.export(model, args, str(path), dynamo=True)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = {i.name: a.numpy() for i, a in zip(session.get_inputs(), args, strict=True)}
+    (out,) = session.run(None, feeds)
+    torch.testing.assert_close(torch.from_numpy(out), expected, atol=ATOL, rtol=ATOL)
+
+
+@pytest.mark.parametrize("name", sorted(PARAMETRIZED))
+def test_parametrized_families_need_finalize_for_script_and_pickle(name: str) -> None:
+    """What torch refuses for parametrized modules, and that finalize is the way through."""
+    model, _ = _model("cnn", name)
+    with pytest.raises(RuntimeError, match="state_dict"):
+        torch.save(model, io.BytesIO())
+    normswap.finalize(model)
+    torch.save(model, io.BytesIO())
+    torch.jit.script(model)

@@ -87,3 +87,28 @@ def run_ddp_script(text: str, tmp_path: Path, ranks: int = 2) -> list[dict]:
     script = tmp_path / "ddp_script.py"
     script.write_text(text)
     return run_ddp(script, tmp_path, ranks=ranks)
+
+
+def pretrained_cnn(seed: int = 0) -> nn.Module:
+    """A small CNN classifier in eval mode whose BatchNorms hold non-trivial running
+    statistics and affine parameters, as a pretrained model's do."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1, bias=False),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 10),
+    )
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    return model.eval()

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torchvision
 from families_matrix import FAMILIES, cond_dim, options
-from helpers import snapshot
+from helpers import pretrained_cnn, snapshot
 from torch import nn
 
 import normswap
@@ -27,26 +27,7 @@ PLAIN = {"gn", "ln", "in", "frozen", "wn", "ws_gn"}
 
 
 def _cnn() -> nn.Module:
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1, bias=False),
-        nn.BatchNorm2d(16),
-        nn.ReLU(),
-        nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False),
-        nn.BatchNorm2d(32),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(32, 10),
-    )
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-    return model.eval()
+    return pretrained_cnn()
 
 
 def _converted(name: str, model: nn.Module | None = None) -> nn.Module:

@@ -168,22 +168,14 @@ def replay(
     """
     progressive = record.get("progressive")
     blended = isinstance(progressive, Mapping) and not progressive.get("finished", False)
-    if blended:
-        report = swap_progressive(
-            model,
-            spec_from_dict(record["spec"]),
-            include=record.get("include"),
-            exclude=record.get("exclude"),
-            example_inputs=example_inputs,
-        )
-    else:
-        report = swap_for_training(
-            model,
-            spec_from_dict(record["spec"]),
-            include=record.get("include"),
-            exclude=record.get("exclude"),
-            example_inputs=example_inputs,
-        )
+    convert = swap_progressive if blended else swap_for_training
+    report = convert(
+        model,
+        spec_from_dict(record["spec"]),
+        include=record.get("include"),
+        exclude=record.get("exclude"),
+        example_inputs=example_inputs,
+    )
     recorded = record.get("report", {}).get("records")
     if recorded is not None:
         want = [(r["path"], r["action"], r["target"]) for r in recorded]

@@ -205,16 +205,8 @@ class NormSwap(Callback):
             >>> BackboneSwap("ln").spec.name
             'ln'
         """
-        if self.progressive is not None:
-            return swap_progressive(
-                pl_module,
-                self.spec,
-                include=self.include,
-                exclude=self.exclude,
-                example_inputs=self.example_inputs,
-                strict=self.strict,
-            )
-        return swap_for_training(
+        convert = swap_for_training if self.progressive is None else swap_progressive
+        return convert(
             pl_module,
             self.spec,
             include=self.include,

@@ -118,3 +118,16 @@ def test_parametrized_families_need_finalize_for_script_and_pickle(name: str) ->
     normswap.finalize(model)
     torch.save(model, io.BytesIO())
     torch.jit.script(model)
+
+
+def test_adaln_without_its_condition_says_how_to_export() -> None:
+    model, (x, c) = _model("cnn", "adaln")
+    bare = model.model
+    with pytest.raises(normswap.ConditionError, match=r"normswap\.condition"):
+        torch.export.export(bare, (x,))
+    with pytest.raises(normswap.ConditionError, match="no AdaLN"):
+        normswap.Conditioned(pretrained_cnn())
+    # The wrapper's result is the context manager's.
+    with torch.no_grad(), normswap.condition(bare, c):
+        expected = bare(x)
+    torch.testing.assert_close(model(x, c), expected)

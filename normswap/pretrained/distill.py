@@ -105,6 +105,10 @@ class DistillReport:
         best_step: the step whose parameters were kept.
         checks: every validation check, in order (the agreement-vs-budget curve).
         samples_seen: training samples processed (per rank).
+        holdout: what the checks measured agreement on: ``"val_data"`` (held-out inputs the
+            caller gave) or ``"held out from data"`` (a split of the training inputs). Both
+            come from the conversion's own domain: they say nothing about new data (measure
+            that with :func:`fidelity` on inputs from other sources).
 
     Example:
         >>> r = DistillReport(0, 0.0, "steps", 0, (DistillCheck(0, 0.0, 0.5, 1.0, 0.0),), 0)
@@ -118,6 +122,7 @@ class DistillReport:
     best_step: int
     checks: tuple[DistillCheck, ...] = field(default=())
     samples_seen: int = 0
+    holdout: str = "val_data"
 
     @property
     def best(self) -> DistillCheck:
@@ -137,16 +142,19 @@ class DistillReport:
             "stopped": self.stopped,
             "best_step": self.best_step,
             "samples_seen": self.samples_seen,
+            "holdout": self.holdout,
             "checks": [c.to_dict() for c in self.checks],
         }
 
     def __str__(self) -> str:
         lines = [
             f"normswap distillation: {self.steps} step(s), {self.seconds:.0f} s, stopped: "
-            f"{self.stopped}; kept step {self.best_step}"
+            f"{self.stopped}; kept step {self.best_step}; agreement measured on "
+            f"{self.holdout} (in-domain)"
         ]
         lines += [
             f"  step {c.step:>5}  {c.seconds:>7.1f} s  agreement {c.agreement:.1%}  KL {c.kl:.4f}"
+            + (f"  (blend alpha {c.alpha:.2f})" if c.alpha < 1 else "")
             for c in self.checks
         ]
         return "\n".join(lines)
@@ -490,6 +498,7 @@ def distill(
         best_step=best.step if best is not None else step,
         checks=tuple(checks),
         samples_seen=seen,
+        holdout="val_data" if val_data is not None else "held out from data",
     )
 
 

@@ -221,3 +221,21 @@ def test_blend_needs_a_student_with_blends():
     student = _student(teacher)
     with pytest.raises(CalibrationError, match="swap_progressive"):
         distill(student, teacher, _inputs(64, 1), steps=2, blend=BlendSchedule(end=2))
+
+
+def test_report_says_what_its_agreement_was_measured_on():
+    teacher = _teacher()
+    own = distill(
+        _student(teacher), teacher, _inputs(128, 1), steps=2, eval_every=1, progress=False
+    )
+    given = distill(
+        _student(teacher),
+        teacher,
+        _inputs(128, 1),
+        steps=2,
+        eval_every=1,
+        val_data=_inputs(32, 2),
+        progress=False,
+    )
+    assert own.holdout == "held out from data" and given.holdout == "val_data"
+    assert "(in-domain)" in str(own) and own.to_dict()["holdout"] == "held out from data"

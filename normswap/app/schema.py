@@ -34,12 +34,14 @@ from normswap.specs import spec_class
 __all__ = ["NORM_CALLBACK_OPTIONS", "SCHEMA_GROUPS", "register_schemas", "schema_for"]
 
 #: ``norm`` keys that configure the ``NormSwap`` callback rather than the spec, with their types
-#: (``progressive``: a ``BlendSchedule``'s fields, or its end step).
+#: (``distill_steps``: with ``calibrate``, distill that many steps after calibrating;
+#: ``progressive``: a ``BlendSchedule``'s fields, or its end step).
 NORM_CALLBACK_OPTIONS: dict[str, Any] = {
     "include": Any,
     "exclude": Any,
     "calibrate": bool | None,
     "calibrate_batches": int | None,
+    "distill_steps": int | None,
     "progressive": Any,
 }
 

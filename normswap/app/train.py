@@ -13,6 +13,7 @@ message naming the fix.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from importlib import resources
@@ -88,6 +89,16 @@ def build_norm_callback(norm_cfg: DictConfig, example_inputs: Any = None) -> pl.
 
     include, exclude = fields.pop("include", None), fields.pop("exclude", None)
     calibrate_batches = fields.pop("calibrate_batches", None)
+    distill_steps = fields.pop("distill_steps", None)
+    if distill_steps:
+        if not fields.get("calibrate"):
+            raise NormSwapError(
+                f"norm.distill_steps={distill_steps} distills after calibrating: set "
+                "norm.calibrate=true too"
+            )
+        from normswap.pretrained.convert import calibrate_and_distill
+
+        fields["calibrate"] = functools.partial(calibrate_and_distill, steps=distill_steps)
     kwargs: dict[str, Any] = {
         "include": include,
         "exclude": exclude,

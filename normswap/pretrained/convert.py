@@ -53,7 +53,7 @@ from normswap.report import SwapReport
 from normswap.specs import NormSpec, get_spec
 from normswap.surgery import swap
 
-__all__ = ["ConversionResult", "convert_pretrained"]
+__all__ = ["ConversionResult", "calibrate_and_distill", "convert_pretrained"]
 
 
 @dataclass(frozen=True)
@@ -358,3 +358,34 @@ def _steps_that_fit(
         p.grad = g
     # Checks of agreement cost about a tenth of the time; keep that margin.
     return max(1, int(0.85 * seconds / max(elapsed, 1e-6)))
+
+
+def calibrate_and_distill(
+    model: nn.Module,
+    reference: nn.Module,
+    batches: Iterable[Any],
+    *,
+    batch_to_input: BatchToInput = default_batch_to_input,
+    steps: int = 200,
+    lr: float = 1e-3,
+    **kwargs: Any,
+) -> DistillReport:
+    """What :func:`convert_pretrained` does after the swap, as a ``NormSwap(calibrate=...)``
+    hook: :func:`~normswap.calibrate` on ``batches``, then :func:`~normswap.distill` on them.
+
+    ``kwargs`` go to :func:`~normswap.distill` (``feature_weight``, ``max_seconds``, ...); part
+    of the batches is held out for its early stopping.
+
+    Example:
+        >>> import functools
+        >>> from normswap.callbacks import NormSwap
+        >>> hook = functools.partial(calibrate_and_distill, steps=300)
+        >>> NormSwap("gn", calibrate=hook, calibrate_batches=100).calibrate.keywords
+        {'steps': 300}
+    """
+    batches = list(batches)
+    calibrate(model, reference, batches, batch_to_input=batch_to_input)
+    kwargs.setdefault("progress", False)
+    return distill(
+        model, reference, batches, steps=steps, lr=lr, batch_to_input=batch_to_input, **kwargs
+    )

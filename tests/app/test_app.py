@@ -388,3 +388,21 @@ def test_finalize_hands_over_a_torch_only_program(tmp_path: Path) -> None:
     (x,) = program.example_inputs[0]  # a training batch: the data's channels and size
     assert program.module()(torch.randn_like(x)).shape == (x.shape[0], 10)
     assert "model.net.bn1.weight" in saved["state_dict"]
+
+
+def test_norm_calibrate_distill_and_progressive_options(tmp_path: Path) -> None:
+    cfg = _compose(
+        [
+            "norm=gn",
+            "norm.calibrate=true",
+            "norm.distill_steps=50",
+            "norm.progressive={end: 300, shape: cosine}",
+        ],
+        tmp_path,
+    )
+    callback = build_norm_callback(cfg.norm)
+    assert callback.calibrate.keywords == {"steps": 50}
+    assert callback.progressive == normswap.BlendSchedule(end=300, shape="cosine")
+    bad = _compose(["norm=gn", "norm.distill_steps=50"], tmp_path)
+    with pytest.raises(normswap.NormSwapError, match=r"set norm\.calibrate=true"):
+        build_norm_callback(bad.norm)

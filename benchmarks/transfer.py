@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from normswap.data import load_fashion_mnist, to_imagenet
 from normswap.pretrained.calibrate import calibrate
 from normswap.pretrained.convert import convert_pretrained
+from normswap.pretrained.hybrid import LayerCost, conversion_costs
 from normswap.progressive import (
     BlendSchedule,
     calibrate_blend,
@@ -157,6 +158,50 @@ def gn_progressive(ctx: Context, batch: int) -> Start:
     return Start(model, BlendSchedule(end=max(1, round(0.6 * ctx.steps))))
 
 
+def gn_hybrid(ctx: Context, batch: int) -> Start:
+    """``frozen`` on the 5 layers whose conversion alone costs the most (KL to the original,
+    measured after calibration on the unlabeled images: ``normswap.conversion_costs``), the
+    rest converted by ``convert_pretrained``: batch-independent, but not pure GroupNorm."""
+    path = ctx.cache / "gn_hybrid_costs.json"
+    if path.exists():
+        costs = [LayerCost(**c) for c in json.loads(path.read_text())]
+    else:
+        costs = conversion_costs(
+            ctx.reference,
+            "gn",
+            ctx.unlabeled[:256],
+            calibrate_data=list(ctx.unlabeled[:64].split(32)),
+        )
+        if not ctx.small:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps([vars(c) for c in costs]))
+    costly = [c.path for c in costs[: min(5, len(costs) - 1)]]
+
+    def make(model: nn.Module) -> None:
+        convert_pretrained(
+            model,
+            "gn",
+            ctx.unlabeled,
+            budget=ctx.budget,
+            exclude=costly,
+            clock=time.process_time,
+            progress=False,
+        )
+        swap(model, "frozen")
+
+    model = _copy(ctx)
+    cached = ctx.cache / f"gn_hybrid_{ctx.budget:g}.pt"
+    if cached.exists():
+        swap(model, "gn", exclude=costly)
+        swap(model, "frozen")
+        model.load_state_dict(torch.load(cached, weights_only=True))
+        return Start(model)
+    make(model)
+    if not ctx.small:
+        torch.save(model.state_dict(), cached)
+    return Start(model)
+
+
 def gn_progressive_copy(ctx: Context, batch: int) -> Start:
     """As ``gn_progressive``, ending at GroupNorms with the BatchNorms' γ/β (no calibration)."""
     model = _copy(ctx)
@@ -173,6 +218,7 @@ METHODS: dict[str, Callable[[Context, int], Start]] = {
     "gn_cal": gn_cal,
     "gn_progressive": gn_progressive,
     "gn_progressive_copy": gn_progressive_copy,
+    "gn_hybrid": gn_hybrid,
 }
 
 

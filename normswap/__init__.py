@@ -79,6 +79,7 @@ from normswap.pretrained.convert import ConversionResult, convert_pretrained
 from normswap.pretrained.distill import DistillReport, distill
 from normswap.pretrained.fidelity import Fidelity, fidelity
 from normswap.pretrained.fitters import Fitter, register_fitter
+from normswap.pretrained.hybrid import LayerCost, conversion_costs, hybrid_swap
 from normswap.pretrained.synthesize import statistics_gap, synthesize
 from normswap.progressive import (
     BlendSchedule,
@@ -124,6 +125,7 @@ __all__ = [
     "GroupNormSpec",
     "InstanceNorm",
     "InstanceNormSpec",
+    "LayerCost",
     "LayerNorm",
     "LayerNorm2d",
     "LayerNorm2dSpec",
@@ -153,6 +155,7 @@ __all__ = [
     "calibrate",
     "calibrate_blend",
     "condition",
+    "conversion_costs",
     "convert_pretrained",
     "describe_source",
     "distill",
@@ -164,6 +167,7 @@ __all__ = [
     "fold_conv_bn",
     "get_family",
     "get_spec",
+    "hybrid_swap",
     "is_source_norm",
     "list_families",
     "list_norms",

@@ -135,9 +135,8 @@ def schema_for(group: str, option: str, node: dict[str, Any]) -> type:
                 for f in dataclasses.fields(cls)
                 if f.default is None or isinstance(f.default, _PLAIN)
             }
-        else:
-            defaults = {"spec": "bn"}
-            known = {"spec"}
+        else:  # the callback options are accepted and have nothing to act on
+            defaults = {"spec": "bn", **dict.fromkeys(NORM_CALLBACK_OPTIONS)}
     else:
         target = _locate(node["_target_"])
         hints = _hints(target) | {"_target_": str, "_partial_": bool}

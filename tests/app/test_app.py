@@ -406,3 +406,11 @@ def test_norm_calibrate_distill_and_progressive_options(tmp_path: Path) -> None:
     bad = _compose(["norm=gn", "norm.distill_steps=50"], tmp_path)
     with pytest.raises(normswap.NormSwapError, match=r"set norm\.calibrate=true"):
         build_norm_callback(bad.norm)
+
+
+def test_recipe_norm_options_compose_with_norm_bn(tmp_path: Path) -> None:
+    # pretrained_gn sets norm.calibrate/distill_steps; comparing with norm=bn must still work.
+    cfg = _compose(["+recipe=pretrained_gn", "norm=bn"], tmp_path)
+    assert cfg.norm.calibrate is True and build_norm_callback(cfg.norm) is None
+    gn = build_norm_callback(_compose(["+recipe=pretrained_gn"], tmp_path).norm)
+    assert gn.calibrate.keywords == {"steps": 200} and gn.calibrate_batches == 64

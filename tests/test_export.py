@@ -131,3 +131,24 @@ def test_adaln_without_its_condition_says_how_to_export() -> None:
     with torch.no_grad(), normswap.condition(bare, c):
         expected = bare(x)
     torch.testing.assert_close(model(x, c), expected)
+
+
+@pytest.mark.parametrize("name", ["gn", "ln", "in", "ln2d", "adalin", "frozen"])
+def test_timm_norm_act_layers_script(name: str) -> None:
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("efficientnet_b0", pretrained=False, num_classes=10).eval()
+    normswap.swap(model, name)
+    assert type(model.bn1).__name__.endswith("Act")  # the norm + activation layout
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.script(model)(x), model(x), atol=ATOL, rtol=ATOL)
+
+
+def test_unscriptable_after_modules_name_the_fix() -> None:
+    layer = normswap.norms.with_after(
+        normswap.GroupNorm(4, 2), [("act", nn.ReLU()), ("extra", nn.Tanh())]
+    )
+    with pytest.raises(normswap.NormSwapError, match="trace it, or export it"):
+        torch.jit.script(layer)
+    torch.jit.trace(layer, torch.randn(2, 4, 3))  # tracing follows the Python loop

@@ -14,9 +14,12 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
 
+from normswap.errors import NormSwapError
 from normswap.norms.adaptive import AdaLIN, AdaLN
+from normswap.norms.common import where
 from normswap.norms.frozen import FrozenAffine
 from normswap.norms.group import GroupNorm
 from normswap.norms.instance import InstanceNorm
@@ -37,17 +40,44 @@ __all__ = [
 ]
 
 
+#: The modules after the norm that a scripted layer applies: timm's names, in timm's order.
+SCRIPTABLE_AFTER = ("drop", "act")
+
+
+def _check_scriptable(module: nn.Module) -> nn.Module:
+    """``__prepare_scriptable__``: TorchScript cannot look modules up by a name held in data,
+    so a scripted layer applies ``drop`` then ``act`` (timm's layout) and nothing else."""
+    names = tuple(module.after_names)
+    if names != tuple(n for n in SCRIPTABLE_AFTER if n in names):
+        raise NormSwapError(
+            f"{where(module)}: cannot script a {type(module).__name__} whose modules after the "
+            f"norm are {list(names)}: scripting supports {list(SCRIPTABLE_AFTER)} in that order "
+            "(trace it, or export it with torch.export, instead)"
+        )
+    return module
+
+
 class _ThenAfter(nn.Module):
     """Mixin: the norm's forward, then the child modules named in ``after_names``, in order."""
 
-    after_names: tuple[str, ...] = ()
+    after_names = ()  # tuple[str, ...]; not annotated: TorchScript reads class annotations
 
     def forward(self, x: Tensor) -> Tensor:
         """Normalize ``x``, then apply the modules that followed the source's normalization."""
-        x = super().forward(x)
-        for name in self.after_names:
-            x = self._modules[name](x)
-        return x
+        x = self._norm_forward(x)
+        if torch.jit.is_scripting():
+            if hasattr(self, "drop"):
+                x = self.drop(x)
+            if hasattr(self, "act"):
+                x = self.act(x)
+            return x
+        else:
+            for name in self.after_names:
+                x = self._modules[name](x)
+            return x
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        return _check_scriptable(self)
 
     def forward_norm(self, x: Tensor) -> Tensor:
         """The normalization alone, without the modules after it (calibration fits this).
@@ -57,7 +87,7 @@ class _ThenAfter(nn.Module):
             >>> bool((layer.forward_norm(torch.randn(2, 4, 3)) < 0).any())
             True
         """
-        return super().forward(x)
+        return self._norm_forward(x)
 
 
 class GroupNormAct(_ThenAfter, GroupNorm):
@@ -169,9 +199,19 @@ class NormThen(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """The norm, then the modules after it."""
         x = self.norm(x)
-        for name in self.after_names:
-            x = self._modules[name](x)
-        return x
+        if torch.jit.is_scripting():
+            if hasattr(self, "drop"):
+                x = self.drop(x)
+            if hasattr(self, "act"):
+                x = self.act(x)
+            return x
+        else:
+            for name in self.after_names:
+                x = self._modules[name](x)
+            return x
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        return _check_scriptable(self)
 
     def forward_norm(self, x: Tensor) -> Tensor:
         """The normalization alone."""

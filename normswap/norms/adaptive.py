@@ -94,7 +94,7 @@ class AdaLIN(ChannelAffineNorm):
         super().reset_parameters()
         nn.init.constant_(self.rho, self.rho_init)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _norm_forward(self, x: Tensor) -> Tensor:
         """Normalize ``x`` of shape ``(N, C, *S)`` with the clamped IN/LN mix.
 
         Args:
@@ -131,6 +131,10 @@ class AdaLIN(ChannelAffineNorm):
             return out
         else:
             return keep_memory_format(out, x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Normalize ``x`` (see :meth:`_norm_forward`; the ``*Act`` variants call that one)."""
+        return self._norm_forward(x)
 
     @torch.jit.unused
     def _check(self, x: Tensor) -> None:
@@ -249,7 +253,7 @@ class AdaLN(ChannelAffineNorm):
             )
         return c
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _norm_forward(self, x: Tensor) -> Tensor:
         """Normalize ``x`` of shape ``(N, C, *S)`` and modulate it by ``self.condition``.
 
         Args:
@@ -287,6 +291,10 @@ class AdaLN(ChannelAffineNorm):
         if self.gate:
             out = out * (1 + _channel_view(params[2], x))
         return out if x.is_contiguous() else keep_memory_format(out, x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Normalize ``x`` (see :meth:`_norm_forward`; the ``*Act`` variants call that one)."""
+        return self._norm_forward(x)
 
     def extra_repr(self) -> str:
         """Describe the layer: channels, condition size, MLP width, gate, eps and affine."""

@@ -95,7 +95,7 @@ class FrozenAffine(nn.Module):
             layer.bias.copy_(shift)
         return layer
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _norm_forward(self, x: Tensor) -> Tensor:
         """Return ``weight[c] · x + bias[c]`` for ``x`` of shape ``(N, C, *S)``.
 
         Example:
@@ -109,6 +109,10 @@ class FrozenAffine(nn.Module):
         if weight.dtype != x.dtype:  # autocast: follow the activation's dtype, as BN's output does
             weight, bias = weight.to(x.dtype), bias.to(x.dtype)
         return torch.addcmul(bias, x, weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Normalize ``x`` (see :meth:`_norm_forward`; the ``*Act`` variants call that one)."""
+        return self._norm_forward(x)
 
     @torch.jit.unused
     def _check(self, x: Tensor) -> None:

@@ -164,7 +164,7 @@ class GroupNorm(nn.GroupNorm):
         groups, _ = resolve_groups(num_channels, num_groups, policy="error")
         super().__init__(groups, num_channels, eps=eps, affine=affine, device=device, dtype=dtype)
 
-    def forward(self, input: Tensor) -> Tensor:
+    def _norm_forward(self, input: Tensor) -> Tensor:
         """Normalize ``input`` of shape ``(N, C, *S)``.
 
         Args:
@@ -183,6 +183,10 @@ class GroupNorm(nn.GroupNorm):
         if not torch.jit.is_scripting():  # eager checks; a scripted layer relies on the op's
             self._check(input)
         return group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+
+    def forward(self, input: Tensor) -> Tensor:
+        """Normalize ``input`` (see :meth:`_norm_forward`; the ``*Act`` variants call that one)."""
+        return self._norm_forward(input)
 
     @torch.jit.unused
     def _check(self, input: Tensor) -> None:

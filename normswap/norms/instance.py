@@ -102,7 +102,7 @@ class InstanceNorm(ChannelAffineNorm):
         self.reset_running_stats()
         super().reset_parameters()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _norm_forward(self, x: Tensor) -> Tensor:
         """Normalize ``x`` of shape ``(N, C, *S)`` over ``S``.
 
         Args:
@@ -148,6 +148,10 @@ class InstanceNorm(ChannelAffineNorm):
             return out
         else:
             return self._own_copy(out, x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Normalize ``x`` (see :meth:`_norm_forward`; the ``*Act`` variants call that one)."""
+        return self._norm_forward(x)
 
     @torch.jit.unused
     def _own_copy(self, out: Tensor, x: Tensor) -> Tensor:

@@ -49,7 +49,7 @@ class LayerNorm(ChannelAffineNorm):
         torch.Size([2, 64, 8, 8])
     """
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _norm_forward(self, x: Tensor) -> Tensor:
         """Normalize ``x`` of shape ``(N, C, *S)`` over ``(C, *S)``.
 
         Args:
@@ -68,6 +68,10 @@ class LayerNorm(ChannelAffineNorm):
         if not torch.jit.is_scripting():
             self._check(x)
         return group_norm(x, 1, self.weight, self.bias, self.eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Normalize ``x`` (see :meth:`_norm_forward`; the ``*Act`` variants call that one)."""
+        return self._norm_forward(x)
 
     @torch.jit.unused
     def _check(self, x: Tensor) -> None:
@@ -106,7 +110,7 @@ class LayerNorm2d(ChannelAffineNorm):
         torch.Size([2, 64, 8, 8])
     """
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _norm_forward(self, x: Tensor) -> Tensor:
         """Normalize ``x`` of shape ``(N, C, *S)`` over ``C`` at every position.
 
         Args:
@@ -128,6 +132,10 @@ class LayerNorm2d(ChannelAffineNorm):
             if torch.jit.is_tracing() or torch.compiler.is_compiling():
                 return self._plain(x)  # a graph of plain ops, whatever the layout
             return self._eager(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Normalize ``x`` (see :meth:`_norm_forward`; the ``*Act`` variants call that one)."""
+        return self._norm_forward(x)
 
     def _plain(self, x: Tensor) -> Tensor:
         """``F.layer_norm`` over the channel dim moved last, and back (one graph for any

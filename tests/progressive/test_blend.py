@@ -231,6 +231,7 @@ def test_calibrate_blend_keeps_step_zero_and_ends_calibrated() -> None:
 
 def test_finish_keeps_timm_style_activations() -> None:
     import timm
+
     model = timm.create_model("efficientnet_b0", pretrained=False, num_classes=4).eval()
     reference = copy.deepcopy(model)
     x = torch.randn(1, 3, 64, 64)

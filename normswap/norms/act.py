@@ -180,7 +180,7 @@ class AfterNorm(nn.Sequential):
     """
 
 
-class NormThen(nn.Module):
+class NormThen(_ThenAfter):
     """Any norm module, then the modules after it (a layer without an ``*Act`` variant).
 
     Example:
@@ -196,25 +196,8 @@ class NormThen(nn.Module):
         for name, module in after:
             self.add_module(name, module)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """The norm, then the modules after it."""
-        x = self.norm(x)
-        if torch.jit.is_scripting():
-            if hasattr(self, "drop"):
-                x = self.drop(x)
-            if hasattr(self, "act"):
-                x = self.act(x)
-            return x
-        else:
-            for name in self.after_names:
-                x = self._modules[name](x)
-            return x
-
-    def __prepare_scriptable__(self) -> nn.Module:
-        return _check_scriptable(self)
-
-    def forward_norm(self, x: Tensor) -> Tensor:
-        """The normalization alone."""
+    def _norm_forward(self, x: Tensor) -> Tensor:
+        """The wrapped norm (``forward`` and ``forward_norm`` come from :class:`_ThenAfter`)."""
         return self.norm(x)
 
 

@@ -15,6 +15,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from normswap.app.loaders import EpochShuffle, ResumableLoader
 from normswap.data import DataError, load_fashion_mnist
 
 __all__ = ["DigitsData", "FakeData", "FashionMNISTData", "ImageData", "ImageFolderData"]
@@ -46,6 +47,7 @@ class ImageData(pl.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
+        self._resume_at: dict[str, int] | None = None
 
     def prepare(self) -> None:
         """Load the data now (idempotent); raises ``DataError`` with the fix if it is missing.
@@ -65,18 +67,58 @@ class ImageData(pl.LightningDataModule):
 
     def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
         assert dataset is not None, "call prepare() first"
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
+        kwargs: dict[str, Any] = {
+            "batch_size": self.batch_size,
+            "num_workers": self.num_workers,
+            "persistent_workers": self.num_workers > 0,
+        }
+        if not shuffle:
+            return DataLoader(dataset, **kwargs)
+        # The training order depends on (seed, epoch) only and the loader's position is saved
+        # in checkpoints, so a resumed run sees the batches an uninterrupted one would. The
+        # generator seeds the workers without drawing from the global random state.
+        return ResumableLoader(
             dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            generator=generator,
-            persistent_workers=self.num_workers > 0,
+            sampler=EpochShuffle(len(dataset), self.seed),
+            generator=torch.Generator().manual_seed(self.seed),
+            position=self._train_position,
+            **kwargs,
         )
 
+    def _train_position(self) -> tuple[int, int]:
+        """The epoch and the batches of it the trainer has finished (checkpoint state)."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 0
+        epoch = trainer.current_epoch
+        batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if batches >= trainer.num_training_batches:  # the epoch is over (limit_train_batches)
+            return epoch + 1, 0
+        return epoch, batches
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training loader's position, saved in checkpoints (see :meth:`load_state_dict`)."""
+        if self.trainer is None:
+            return {}
+        epoch, batches = self._train_position()
+        return {"train_position": {"epoch": epoch, "batches": batches}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Make the next training loader continue at the checkpoint's position.
+
+        Lightning restores a data module before ``configure_optimizers`` runs, and the tasks'
+        ``estimated_stepping_batches`` creates the training loader there, before Lightning's
+        own loader state would be loaded; so the position is applied when that loader is made.
+        """
+        self._resume_at = state_dict.get("train_position")
+
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        loader = self._loader(self.train_set, shuffle=True)
+        if self._resume_at is not None:
+            assert isinstance(loader, ResumableLoader)
+            loader.load_state_dict(self._resume_at)
+            self._resume_at = None
+        return loader
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 
+import pytorch_lightning as pl
 import torch
 from torch import nn
 
@@ -112,3 +115,21 @@ def pretrained_cnn(seed: int = 0) -> nn.Module:
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.uniform_(-0.5, 0.5)
     return model.eval()
+
+
+class StallAt(pl.Callback):
+    """Hold a training run after one step until it is killed (tests of resuming).
+
+    Active only where ``NORMSWAP_TEST_STALL="STEP:MARKER"`` is set: after training step
+    ``STEP`` it creates the file ``MARKER`` and waits forever, so a test can kill the process
+    at a known step. Add it with ``+callbacks.stall._target_=helpers.StallAt``.
+    """
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
+        spec = os.environ.get("NORMSWAP_TEST_STALL")
+        if not spec:
+            return
+        step, marker = spec.split(":", 1)
+        if trainer.global_step == int(step):
+            Path(marker).touch()
+            threading.Event().wait()

@@ -79,6 +79,21 @@ class RunLog(Callback):
                 row[key] = v
         self.val.append(row)
 
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """The history so far: a resumed run's files cover the whole run."""
+        return {
+            "step_times": list(self.step_times),
+            "train_loss": [list(item) for item in self.train_loss],
+            "val": [dict(row) for row in self.val],
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.step_times = list(state_dict["step_times"])
+        self.train_loss = [(int(s), float(v)) for s, v in state_dict["train_loss"]]
+        self.val = [dict(row) for row in state_dict["val"]]
+
     def finish(self, trainer: pl.Trainer, test_metrics: dict[str, float] | None = None) -> dict:
         """Write ``history.json`` and ``metrics.json`` (rank zero) and return the metrics row."""
         times = self.step_times[2:] or self.step_times  # the first steps include warm-up

@@ -6,6 +6,8 @@ Examples::
     normswap-train norm=gn norm.num_groups=16 data.batch_size=4
     normswap-train -m norm=bn,gn,ln                  # a sweep; then: normswap report multirun/...
     normswap-train +recipe=norm_shootout             # a ready experiment from recipes/
+    normswap-train norm=gn resume=auto               # again after a kill: continues the run
+    normswap-train norm=gn ckpt_path=outputs/.../checkpoints/last.ckpt
 
 Everything is validated before training starts; a bad override exits with status 2 and one
 message naming the fix.
@@ -14,6 +16,7 @@ message naming the fix.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import sys
 from importlib import resources
@@ -29,6 +32,13 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from normswap.app.resume import (
+    RandomState,
+    check_resume_options,
+    check_run_config,
+    checkpoint_to_resume,
+    run_dir,
+)
 from normswap.app.runlog import RunLog
 from normswap.errors import NormSwapError
 from normswap.finalize import finalize
@@ -47,6 +57,7 @@ def register_configs() -> list[str]:
     """
     from normswap.app.schema import register_schemas
 
+    OmegaConf.register_new_resolver("normswap.run_dir", run_dir, replace=True)
     register_schemas()
     return register_recipes()
 
@@ -129,13 +140,33 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     Returns:
         The run's ``metrics.json`` row.
 
+    With ``ckpt_path=FILE`` the run continues from that checkpoint; with ``resume=auto`` from
+    the run folder's last checkpoint (none: from scratch; a finished run is not trained again).
+    Weights, optimizer, scheduler, data order and position, random generators and the run's
+    history all continue, so the result is that of an uninterrupted run.
+
     Raises:
         NormSwapError: a bad override (unknown model or weights, bad norm field, missing
-            data, ...), raised before any training starts.
+            data, a checkpoint that does not exist or holds another norm, ...), raised before
+            any training starts.
 
     Example:
         >>> run(cfg)  # doctest: +SKIP
     """
+    out_dir = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else cfg.out_dir
+    resume = cfg.get("resume")
+    check_resume_options(cfg.get("ckpt_path"), resume)
+    if resume == "auto":
+        check_run_config(cfg, out_dir)
+        finished = Path(out_dir) / "metrics.json"
+        if finished.is_file():
+            print(f"normswap-train: resume=auto: {out_dir} already finished; not training again")
+            return json.loads(finished.read_text())
+    norm_cb = build_norm_callback(cfg.norm)
+    norm = norm_cb.spec.to_dict() if norm_cb is not None else None
+    ckpt_path = checkpoint_to_resume(cfg.get("ckpt_path"), resume, out_dir, norm)
+    if ckpt_path is not None:
+        print(f"normswap-train: continuing from {ckpt_path}")
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = _instantiate(cfg.data, "data")
     datamodule.prepare()
@@ -145,7 +176,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     # One real (small) batch lets the swap trace the model: input ranks, BN producers.
     example = task.example_inputs(next(iter(datamodule.train_dataloader())))
     norm_cb = build_norm_callback(cfg.norm, example)
-    out_dir = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else cfg.out_dir
     info = {
         "model": cfg.model.name,
         "source": cfg.model.get("source", "torchvision"),
@@ -158,10 +188,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     }
     runlog = RunLog(out_dir, info, score=cfg.score)
     callbacks = [_instantiate(c, f"callbacks.{k}") for k, c in cfg.callbacks.items() if c]
-    callbacks = [*([norm_cb] if norm_cb else []), *callbacks, runlog]
+    callbacks = [*([norm_cb] if norm_cb else []), *callbacks, runlog, RandomState()]
     logger = _instantiate(cfg.logger, "logger") if cfg.get("logger") else False
     trainer = _instantiate(cfg.trainer, "trainer", callbacks=callbacks, logger=logger)
-    trainer.fit(task, datamodule=datamodule)
+    trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
     runlog.info["params"] = _params(task.model)  # after the swap (weight norm adds g)
     test_metrics: dict[str, float] = {}
     if cfg.run_test and not trainer.fast_dev_run:

@@ -270,14 +270,20 @@ def _plots(runs: list[dict[str, Any]], out: Path) -> list[Path]:
 
     several = len({g.batch_size for g in chosen}) > 1
     bars = [g for g in chosen if stats(g)[2]]
+    counts = sorted({stats(g)[2] for g in bars}) or [0]
+    if counts[-1] <= 1:
+        spread = "one seed per point: no spread"
+    else:
+        seeds = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+        spread = f"mean ± std over {seeds} seeds"
     names = [f"{g.norm} b{g.batch_size}" if several else g.norm for g in bars]
     fig, ax = plt.subplots(figsize=(max(4, 0.8 * len(bars) + 2), 3.5))
     means = [stats(g)[0] for g in bars]
     ax.bar(names, means, yerr=[stats(g)[1] for g in bars], capsize=4, color="tab:blue")
     for i, g in enumerate(bars):
         ax.annotate(f"n={stats(g)[2]}", (i, means[i]), ha="center", va="bottom", fontsize=7)
-    ax.set_ylabel(f"{label}: mean ± std over seeds")
-    ax.set_title(f"{label} per norm (setting chosen on {score})")
+    ax.set_ylabel(label)
+    ax.set_title(f"{label} per norm ({spread}; setting chosen on {score})", fontsize=9)
     if means and label.endswith("acc"):
         ax.set_ylim(bottom=max(0.0, min(means) - 0.1))
     ax.tick_params(axis="x", labelrotation=30)
@@ -293,8 +299,8 @@ def _plots(runs: list[dict[str, Any]], out: Path) -> list[Path]:
         ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=norm)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("per-device batch size")
-    ax.set_ylabel(f"{label}: mean ± std over seeds")
-    ax.set_title(f"{label} vs batch size")
+    ax.set_ylabel(label)
+    ax.set_title(f"{label} vs batch size ({spread})", fontsize=9)
     ax.legend()
     fig.tight_layout()
     written.append(out / "accuracy_vs_batch.png")
@@ -310,7 +316,7 @@ def _plots(runs: list[dict[str, Any]], out: Path) -> list[Path]:
             ax.errorbar(t_mean * 1000, y, xerr=std, yerr=e, marker="o", capsize=3, label=name)
     ax.set_xlabel("training step time (ms, median per run)")
     ax.set_ylabel(label)
-    ax.set_title("which norm, at what cost")
+    ax.set_title(f"which norm, at what cost ({spread})", fontsize=9)
     if ax.has_data():
         ax.legend(fontsize=7)
     fig.tight_layout()

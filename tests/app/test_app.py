@@ -54,10 +54,24 @@ def recipe_sweep(recipe: str) -> list[dict[str, str]]:
 
 
 def test_the_shootout_sweeps_every_family_that_trains_from_scratch() -> None:
-    norms = [run["norm"] for run in recipe_sweep("norm_shootout")]
+    norms = {run["norm"] for run in recipe_sweep("norm_shootout")}
     scratch = [n for n in normswap.list_norms() if normswap.get_family(n).from_scratch]
     assert sorted(norms) == sorted(["bn", *scratch])
     assert "frozen" in normswap.list_norms() and "frozen" not in norms
+
+
+@pytest.mark.parametrize("recipe", ["norm_shootout", "small_batch"])
+def test_comparison_recipes_run_every_setting_with_three_seeds(recipe: str) -> None:
+    runs = recipe_sweep(recipe)
+    settings = {tuple(sorted((k, v) for k, v in run.items() if k != "seed")) for run in runs}
+    assert len(runs) == 3 * len(settings)
+    for setting in settings:
+        seeds = sorted(
+            run["seed"]
+            for run in runs
+            if tuple(sorted((k, v) for k, v in run.items() if k != "seed")) == setting
+        )
+        assert seeds == ["0", "1", "2"]
 
 
 def _compose(overrides: list[str], tmp_path: Path):
@@ -217,6 +231,7 @@ def test_every_recipe_runs_fast_dev_run(recipe: str, tmp_path: Path) -> None:
             f"+recipe={recipe}",
             "++trainer.fast_dev_run=true",
             "callbacks=minimal",
+            "seed=0",  # one seed of the recipes that sweep seeds
             f"hydra.run.dir={tmp_path}/run",
             f"hydra.sweep.dir={tmp_path}/multirun",
         ],
@@ -224,7 +239,7 @@ def test_every_recipe_runs_fast_dev_run(recipe: str, tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(p.read_text()) for p in tmp_path.rglob("metrics.json")]
-    assert len(rows) == len(recipe_sweep(recipe))
+    assert len(rows) == len([r for r in recipe_sweep(recipe) if r.get("seed", "0") == "0"])
     assert all(r["steps"] == 1 for r in rows)
 
 
@@ -234,6 +249,7 @@ def test_sweep_then_report(tmp_path: Path) -> None:
         [
             "-m",
             "norm=bn,gn",
+            "seed=0,1",
             "data=digits",
             "callbacks=minimal",
             "logger=csv",
@@ -256,9 +272,21 @@ def test_sweep_then_report(tmp_path: Path) -> None:
     )
     assert report.returncode == 0, report.stderr
     table = (tmp_path / "sweep" / "report.md").read_text()
-    assert "| rank | model | norm | batch | val_acc |" in table
-    assert "| resnet18 | bn | 32 |" in table and "| resnet18 | gn | 32 |" in table
-    for name in ("accuracy_per_norm.png", "accuracy_vs_batch.png", "training_curves.png"):
+    # Seeds grouped: one row per norm with n = 2 and mean ± std, computed from the runs.
+    rows = [json.loads(p.read_text()) for p in (tmp_path / "sweep").rglob("metrics.json")]
+    assert len(rows) == 4
+    for norm in ("bn", "gn"):
+        scores = [r["score"] for r in rows if r["norm"] == norm]
+        mean, std = sum(scores) / 2, abs(scores[0] - scores[1]) / math.sqrt(2)
+        row = next(line for line in table.splitlines() if f"| resnet18 | {norm} | 32 |" in line)
+        assert "| 2 |" in row and f"{mean:.4f} ± {std:.4f}" in row, row
+    assert "| rank | model | norm | batch | val_acc |" in table  # every run, too
+    for name in (
+        "accuracy_per_norm.png",
+        "accuracy_vs_batch.png",
+        "accuracy_vs_step_time.png",
+        "training_curves.png",
+    ):
         assert (tmp_path / "sweep" / name).stat().st_size > 1000
     for run in (tmp_path / "sweep").glob("*_norm=*"):
         assert (run / ".hydra" / "config.yaml").is_file()

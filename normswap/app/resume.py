@@ -3,9 +3,10 @@
 * :func:`run_dir` names the run folder. With ``resume=auto`` it is a fixed folder per command
   (``outputs/resume/<overrides>``, ``multirun/resume/<overrides>``) instead of a timestamp, so
   running the same command again finds the killed run.
-* :func:`checkpoint_to_resume` picks the checkpoint (the folder's newest ``last*.ckpt``, or the
-  ``ckpt_path`` given) and refuses, before anything trains, a file that does not exist or that
-  holds another norm than the one configured (the surgery record in the checkpoint says which).
+* :func:`checkpoint_to_resume` picks the checkpoint (the folder's newest ``last*.ckpt`` or
+  SLURM ``hpc_ckpt_*.ckpt``, or the ``ckpt_path`` given) and refuses, before anything trains,
+  a file that does not exist or that holds another norm than the one configured (the surgery
+  record in the checkpoint says which).
 * :class:`RandomState` saves the random generators in every checkpoint, so dropout and random
   augmentation continue as they would have; :class:`~normswap.app.loaders.ResumableLoader`
   continues the data order.
@@ -42,6 +43,11 @@ RESUME_CHOICES = (None, "auto")
 
 #: Overrides that do not change what a run computes: left out of the resume folder's name.
 _NOT_THE_RUN = ("resume=", "ckpt_path=")
+
+#: The checkpoints ``resume=auto`` continues from, the newest first: ``ModelCheckpoint``'s
+#: ``last.ckpt`` (and ``last-v1.ckpt``...) and the one Lightning writes when SLURM signals a job
+#: before requeuing it (``hpc_ckpt_N.ckpt`` in the trainer's ``default_root_dir``, the run folder).
+CHECKPOINT_PATTERNS = ("last*.ckpt", "hpc_ckpt_*.ckpt")
 
 #: The file in a run folder that records the configuration a ``resume=auto`` run started with.
 RUN_CONFIG = "run_config.yaml"
@@ -123,8 +129,8 @@ def checkpoint_to_resume(
 
     Args:
         ckpt_path: the ``ckpt_path`` option (a file), or ``None``.
-        resume: the ``resume`` option: ``None`` or ``"auto"`` (the newest ``last*.ckpt`` under
-            ``out_dir``; none there: start from scratch).
+        resume: the ``resume`` option: ``None`` or ``"auto"`` (the newest of
+            :data:`CHECKPOINT_PATTERNS` under ``out_dir``; none there: start from scratch).
         out_dir: the run folder.
         norm: the configured norm's spec as a dict (``None`` for ``norm=bn``).
 
@@ -143,7 +149,10 @@ def checkpoint_to_resume(
     if ckpt_path is None:
         if resume is None:
             return None
-        found = sorted(Path(out_dir).rglob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
+        found = sorted(
+            (p for pattern in CHECKPOINT_PATTERNS for p in Path(out_dir).rglob(pattern)),
+            key=lambda p: p.stat().st_mtime,
+        )
         if not found:
             return None
         ckpt_path = str(found[-1])

@@ -190,7 +190,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     callbacks = [_instantiate(c, f"callbacks.{k}") for k, c in cfg.callbacks.items() if c]
     callbacks = [*([norm_cb] if norm_cb else []), *callbacks, runlog, RandomState()]
     logger = _instantiate(cfg.logger, "logger") if cfg.get("logger") else False
-    trainer = _instantiate(cfg.trainer, "trainer", callbacks=callbacks, logger=logger)
+    # Lightning's own files (a SLURM requeue's hpc_ckpt_N.ckpt) go to the run folder too.
+    root = {} if cfg.trainer.get("default_root_dir") else {"default_root_dir": str(out_dir)}
+    trainer = _instantiate(cfg.trainer, "trainer", callbacks=callbacks, logger=logger, **root)
     trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
     runlog.info["params"] = _params(task.model)  # after the swap (weight norm adds g)
     test_metrics: dict[str, float] = {}

@@ -82,8 +82,13 @@ class ImageData(pl.LightningDataModule):
             sampler=EpochShuffle(len(dataset), self.seed),
             generator=torch.Generator().manual_seed(self.seed),
             position=self._train_position,
+            pending=self._take_resume_position,
             **kwargs,
         )
+
+    def _take_resume_position(self) -> dict[str, int] | None:
+        position, self._resume_at = self._resume_at, None
+        return position
 
     def _train_position(self) -> tuple[int, int]:
         """The epoch and the batches of it the trainer has finished (checkpoint state)."""
@@ -104,21 +109,17 @@ class ImageData(pl.LightningDataModule):
         return {"train_position": {"epoch": epoch, "batches": batches}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Make the next training loader continue at the checkpoint's position.
+        """Make the next pass of the training loader continue at the checkpoint's position.
 
         Lightning restores a data module before ``configure_optimizers`` runs, and the tasks'
-        ``estimated_stepping_batches`` creates the training loader there, before Lightning's
-        own loader state would be loaded; so the position is applied when that loader is made.
+        ``estimated_stepping_batches`` creates and starts the training loader there, before
+        Lightning's own loader state would be loaded; so the loader takes the position from
+        here when its first pass starts.
         """
         self._resume_at = state_dict.get("train_position")
 
     def train_dataloader(self) -> DataLoader:
-        loader = self._loader(self.train_set, shuffle=True)
-        if self._resume_at is not None:
-            assert isinstance(loader, ResumableLoader)
-            loader.load_state_dict(self._resume_at)
-            self._resume_at = None
-        return loader
+        return self._loader(self.train_set, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)

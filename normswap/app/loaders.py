@@ -74,6 +74,9 @@ class ResumableLoader(DataLoader):
         position: returns ``(epoch, batches the trainer has finished in it)``; the data
             module reads it from its trainer (a loader alone cannot tell the batches a
             trainer finished from those it prefetched).
+        pending: returns, once, a position to continue from (or ``None``), read when an
+            iteration starts: the data module's restored position reaches the loader even
+            where Lightning rebuilt the loader (a distributed sampler under DDP).
         **kwargs: ``DataLoader`` keyword arguments.
 
     Example:
@@ -89,10 +92,14 @@ class ResumableLoader(DataLoader):
     """
 
     def __init__(
-        self, *args: Any, position: Callable[[], tuple[int, int]] | None = None, **kwargs: Any
+        self,
+        *args: Any,
+        position: Callable[[], tuple[int, int]] | None = None,
+        pending: Callable[[], dict[str, int] | None] | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        self.position = position
+        self.position, self.pending = position, pending
         self._skip = 0
 
     def state_dict(self) -> dict[str, int]:
@@ -112,6 +119,9 @@ class ResumableLoader(DataLoader):
         self._skip = batches
 
     def __iter__(self) -> Iterator[Any]:
+        state = self.pending() if self.pending is not None else None
+        if state is not None:
+            self.load_state_dict(state)
         iterator = super().__iter__()
         skip, self._skip = self._skip, 0
         for _ in range(skip):  # consumed, not just indices: right for any sampler and workers

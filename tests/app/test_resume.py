@@ -228,3 +228,30 @@ def test_checkpoint_to_resume_without_a_checkpoint_starts_from_scratch(tmp_path:
     (tmp_path / "last.ckpt").write_bytes(b"not a checkpoint")
     with pytest.raises(NormSwapError, match="is not a Lightning checkpoint"):
         checkpoint_to_resume(None, "auto", tmp_path, None)
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_ddp_run_resumed_from_a_mid_epoch_checkpoint_ends_with_the_same_weights(
+    tmp_path: Path,
+) -> None:
+    """Under DDP Lightning rebuilds the training loader with a distributed sampler; the
+    restored position must reach the rebuilt loader (2 gloo processes on CPU)."""
+    ddp = [
+        "trainer=ddp_sim",
+        "trainer.max_epochs=2",
+        "++trainer.limit_train_batches=10",
+        "callbacks.last_checkpoint.every_n_train_steps=5",
+        "callbacks.last_checkpoint.save_top_k=-1",  # keep each one: epoch=E-step=S.ckpt
+    ]
+    _finish(_train([*ddp, f"hydra.run.dir={tmp_path / 'full'}"], tmp_path))
+    full = tmp_path / "full" / "checkpoints"
+    start = tmp_path / "step5.ckpt"  # a plain name: '=' needs quoting in a Hydra override
+    start.write_bytes((full / "epoch=0-step=5.ckpt").read_bytes())
+    resumed = tmp_path / "resumed"
+    out = _finish(_train([*ddp, f"hydra.run.dir={resumed}", f"ckpt_path={start}"], tmp_path))
+    assert f"continuing from {start}" in out
+    want = _load(full / "epoch=1-step=20.ckpt")
+    got = _load(resumed / "checkpoints" / "epoch=1-step=20.ckpt")
+    for key, value in want["state_dict"].items():
+        assert torch.equal(got["state_dict"][key], value), key

@@ -228,11 +228,14 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from normswap.app.report import write_report
+    from normswap.app.report import collect_runs, markdown_table, write_report
 
     table, files = write_report(args.runs, args.out)
     print(table)
     print()
+    if args.per_seed:
+        print(markdown_table(collect_runs(args.runs)))
+        print()
     for path in files:
         print(f"wrote {path}")
     return 0
@@ -320,6 +323,11 @@ def _parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="table and plots of normswap-train runs")
     report.add_argument("runs", help="a run or multirun output directory")
     report.add_argument("--out", help="where to write report.md and plots (default: RUNS)")
+    report.add_argument(
+        "--per-seed",
+        action="store_true",
+        help="also print every run (each seed) below the aggregated table (report.md has both)",
+    )
     report.set_defaults(func=_cmd_report)
     return parser
 

@@ -265,12 +265,15 @@ def test_sweep_then_report(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = subprocess.run(
-        [sys.executable, "-m", "normswap.cli", "report", str(tmp_path / "sweep")],
+        [sys.executable, "-m", "normswap.cli", "report", str(tmp_path / "sweep"), "--per-seed"],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert report.returncode == 0, report.stderr
+    printed = report.stdout.split("\n\n")
+    assert "| n |" in printed[0]  # the aggregated table, then each run (--per-seed)
+    assert sum("| resnet18 | gn | 32 |" in line for line in printed[1].splitlines()) == 2
     table = (tmp_path / "sweep" / "report.md").read_text()
     # Seeds grouped: one row per norm with n = 2 and mean ± std, computed from the runs.
     rows = [json.loads(p.read_text()) for p in (tmp_path / "sweep").rglob("metrics.json")]

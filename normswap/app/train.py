@@ -137,13 +137,13 @@ def _params(module: Any) -> int:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Validate the whole configuration, train, test and write the run's files.
 
-    Returns:
-        The run's ``metrics.json`` row.
-
     With ``ckpt_path=FILE`` the run continues from that checkpoint; with ``resume=auto`` from
     the run folder's last checkpoint (none: from scratch; a finished run is not trained again).
     Weights, optimizer, scheduler, data order and position, random generators and the run's
     history all continue, so the result is that of an uninterrupted run.
+
+    Returns:
+        The run's ``metrics.json`` row.
 
     Raises:
         NormSwapError: a bad override (unknown model or weights, bad norm field, missing
@@ -162,8 +162,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if finished.is_file():
             print(f"normswap-train: resume=auto: {out_dir} already finished; not training again")
             return json.loads(finished.read_text())
-    norm_cb = build_norm_callback(cfg.norm)
-    norm = norm_cb.spec.to_dict() if norm_cb is not None else None
+    configured = build_norm_callback(cfg.norm)  # validates the norm options, too
+    norm = configured.spec.to_dict() if configured is not None else None
     ckpt_path = checkpoint_to_resume(cfg.get("ckpt_path"), resume, out_dir, norm)
     if ckpt_path is not None:
         print(f"normswap-train: continuing from {ckpt_path}")

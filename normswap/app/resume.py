@@ -200,7 +200,13 @@ def check_run_config(cfg: DictConfig, out_dir: str | Path) -> None:
             default changed since); it names the settings that differ.
 
     Example:
-        >>> check_run_config(cfg, "outputs/resume/norm=gn")  # doctest: +SKIP
+        >>> import tempfile
+        >>> folder = tempfile.mkdtemp()
+        >>> check_run_config(OmegaConf.create({"seed": 0, "resume": "auto"}), folder)
+        >>> check_run_config(OmegaConf.create({"seed": 1, "resume": "auto"}), folder)
+        Traceback (most recent call last):
+        ...
+        normswap.errors.NormSwapError: resume=auto: ... (seed: 0 -> 1): delete that folder ...
     """
     container = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(container, dict)

@@ -1,8 +1,11 @@
 """A training loader that a resumed run continues exactly where the killed one stopped.
 
 Lightning saves the state of a training loader that has ``state_dict``/``load_state_dict`` in
-every checkpoint and loads it before the resumed epoch's iterator is created. Two pieces make
-that position exact:
+every checkpoint, and loads it into the loader it builds when the fit loop starts. The app's
+tasks build the loader earlier (``estimated_stepping_batches`` in ``configure_optimizers``), so
+that state never arrives there; the data module saves the same position and hands it over
+through ``pending`` (:class:`~normswap.app.data.ImageData`). Two pieces make the position
+exact:
 
 * :class:`EpochShuffle` orders each epoch from ``(seed, epoch)`` alone, so epoch 3 has the same
   order whether or not the process saw epochs 0-2 (a ``RandomSampler`` with one generator

@@ -31,6 +31,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint
 
 from normswap.app.resume import (
     RandomState,
@@ -191,8 +192,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     callbacks = [*([norm_cb] if norm_cb else []), *callbacks, runlog, RandomState()]
     logger = _instantiate(cfg.logger, "logger") if cfg.get("logger") else False
     # Lightning's own files (a SLURM requeue's hpc_ckpt_N.ckpt) go to the run folder too.
-    root = {} if cfg.trainer.get("default_root_dir") else {"default_root_dir": str(out_dir)}
-    trainer = _instantiate(cfg.trainer, "trainer", callbacks=callbacks, logger=logger, **root)
+    defaults: dict[str, Any] = (
+        {} if cfg.trainer.get("default_root_dir") else {"default_root_dir": str(out_dir)}
+    )
+    # Checkpoints come from the callbacks group only: without a ModelCheckpoint there
+    # (callbacks=minimal) Lightning's implicit one, a full checkpoint per epoch, is off too.
+    if cfg.trainer.get("enable_checkpointing") is None:
+        defaults["enable_checkpointing"] = any(isinstance(c, ModelCheckpoint) for c in callbacks)
+    trainer = _instantiate(cfg.trainer, "trainer", callbacks=callbacks, logger=logger, **defaults)
     trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
     runlog.info["params"] = _params(task.model)  # after the swap (weight norm adds g)
     test_metrics: dict[str, float] = {}

@@ -295,6 +295,8 @@ def test_sweep_then_report(tmp_path: Path) -> None:
         assert (run / ".hydra" / "config.yaml").is_file()
         assert (run / "metrics.json").is_file()
     assert list((tmp_path / "sweep").rglob("normswap_report.json"))  # the gn run's swap report
+    # callbacks=minimal: no checkpoint at all, not even Lightning's implicit one per epoch.
+    assert not list((tmp_path / "sweep").rglob("*.ckpt"))
 
 
 @pytest.mark.parametrize(

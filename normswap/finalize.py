@@ -38,6 +38,7 @@ from normswap.norms import (
     NormThen,
     WeightStandardization,
 )
+from normswap.norms.reparam import remove_parametrizations
 from normswap.norms.weight import _legacy_weight_norm_keys, _WeightNorm
 from normswap.registry import TypeRegistry
 
@@ -279,7 +280,7 @@ def finalize(model: nn.Module) -> FinalizeReport:
     records: list[FinalizeRecord] = []
     for module, path in baked:
         kinds = ", ".join(type(p).__name__ for p in module.parametrizations["weight"])
-        parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+        remove_parametrizations(module, "weight", leave_parametrized=True)
         _drop_legacy_key_hook(module)
         name = type(module).__name__
         records.append(FinalizeRecord(path, name, name, f"{kinds} baked into weight"))

@@ -17,6 +17,7 @@ from torch.nn.utils.parametrizations import _WeightNorm as _TorchWeightNorm
 
 from normswap.errors import SpecError, UnsupportedModuleError
 from normswap.norms.common import memory_format
+from normswap.norms.reparam import register_parametrization
 
 __all__ = [
     "Reparam",
@@ -275,7 +276,7 @@ def standardize_weight(module: nn.Module, eps: float = 1e-6) -> nn.Module:
     """
     _refuse(module, "weight_standardization")
     dim = output_channel_dim(module)
-    parametrize.register_parametrization(module, "weight", WeightStandardization(eps, dim=dim))
+    register_parametrization(module, "weight", WeightStandardization(eps, dim=dim))
     return module
 
 
@@ -306,7 +307,7 @@ def weight_norm(module: nn.Module) -> nn.Module:
     """
     _refuse(module, "weight_norm")
     dim = output_channel_dim(module)
-    parametrize.register_parametrization(module, "weight", _WeightNorm(dim), unsafe=True)
+    register_parametrization(module, "weight", _WeightNorm(dim), unsafe=True)
     module._register_load_state_dict_pre_hook(_legacy_weight_norm_keys)
     return module
 

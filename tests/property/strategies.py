@@ -603,8 +603,9 @@ def _draw_act(draw: st.DrawFn, d: _Drawing, src: int) -> None:
 
 
 @st.composite
-def nets(draw: st.DrawFn, max_steps: int = 8) -> Net:
-    """A tiny random network (see the module docstring) with its input shape and seed."""
+def nets(draw: st.DrawFn, max_steps: int = 8, scripted: bool = True) -> Net:
+    """A tiny random network (see the module docstring) with its input shape and seed;
+    ``scripted=False`` leaves TorchScript blocks out."""
     rank = draw(st.integers(2, 5))
     spatial = tuple(draw(st.integers(1, 6 if rank < 5 else 4)) for _ in range(rank - 2))
     shape = Shape(rank, draw(st.integers(1, 12)), spatial)
@@ -614,7 +615,8 @@ def nets(draw: st.DrawFn, max_steps: int = 8) -> Net:
         steps=[],
         all_eval=draw(st.booleans()),
     )
-    kinds = ["block", "norm", "conv", "linear", "act", "merge", "reshape", "again", "scripted"]
+    kinds = ["block", "norm", "conv", "linear", "act", "merge", "reshape", "again"]
+    kinds += ["scripted"] if scripted else []
     for _ in range(draw(st.integers(1, max_steps))):
         kind = draw(st.sampled_from(kinds))
         open_values = d.open_values()

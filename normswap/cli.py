@@ -110,9 +110,9 @@ def _norm_from_overrides(args: argparse.Namespace) -> None:
     spec = fields.pop("spec")
     if spec == "bn":
         raise CLIError("norm=bn keeps BatchNorm, nothing to convert; pick one of `normswap list`")
-    for key in set(NORM_CALLBACK_OPTIONS) - {"include", "exclude"}:  # training-callback options
+    for key in set(NORM_CALLBACK_OPTIONS) - {"include", "exclude", "replace"}:  # training only
         fields.pop(key, None)
-    for key in ("include", "exclude"):
+    for key in ("include", "exclude", "replace"):
         value = fields.pop(key, None)
         if value and not getattr(args, key):
             setattr(args, key, [value] if isinstance(value, str) else list(value))
@@ -131,6 +131,7 @@ def _swap_from_args(model: nn.Module, args: argparse.Namespace, *, dry_run: bool
         args.to,
         include=args.include or None,
         exclude=args.exclude or None,
+        replace=args.replace or None,
         dry_run=dry_run,
         strict=args.strict,
         example_inputs=example,
@@ -192,6 +193,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
             progressive=args.progressive,
             include=args.include or None,
             exclude=args.exclude or None,
+            replace=args.replace or None,
             **overrides,
         )
         report, conversion = result.report, result.to_dict()
@@ -274,7 +276,15 @@ def _parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--include", action="append", default=[], metavar="GLOB")
         p.add_argument("--exclude", action="append", default=[], metavar="GLOB")
-        p.add_argument("--strict", action="store_true", help="fail if any BatchNorm remains")
+        p.add_argument("--strict", action="store_true", help="fail if a replaced norm remains")
+        p.add_argument(
+            "--replace",
+            action="append",
+            default=[],
+            metavar="KIND",
+            help="source kinds to replace: bn (default), ln, ln2d, gn, in, rms, frozen, any "
+            "(repeatable)",
+        )
         p.add_argument(
             "--input-shape",
             metavar="N,C,H,W",

@@ -35,7 +35,13 @@ from normswap.graph import NormFacts, graph_facts
 from normswap.graph.rules import parameter_owners
 from normswap.modules import module_paths
 from normswap.report import FOLD, SKIP, SwapRecord, SwapReport
-from normswap.sources import SourceNorm, describe_source, is_source_norm, source_classes
+from normswap.sources import (
+    SourceNorm,
+    describe_source,
+    resolve_replace,
+    source_classes,
+    source_kind,
+)
 from normswap.specs import NormSpec, get_spec
 
 __all__ = ["NormStep", "Plan", "check_model", "module_paths", "plan"]
@@ -90,9 +96,11 @@ class Plan:
     Attributes:
         spec: the spec being applied.
         target: the target family that builds the new layers.
-        norm_steps: one step per BatchNorm-family module instance.
-        layer_steps: changes to other layers (weight norm, weight standardization).
+        norm_steps: one step per source norm module of the replaced kinds.
+        layer_steps: changes to other layers (weight norm, weight standardization, centring).
         notes: model-level remarks for the report.
+        replace: the source kinds replaced (``("bn",)`` by default).
+        analysis: what the target's whole-model analysis found (exact rewrites), or ``None``.
 
     Example:
         >>> p = plan(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)), "gn", num_groups=4)
@@ -105,6 +113,8 @@ class Plan:
     norm_steps: tuple[NormStep, ...]
     layer_steps: tuple[LayerStep, ...]
     notes: tuple[str, ...]
+    replace: tuple[str, ...] = ("bn",)
+    analysis: Any = None
 
     def records(self) -> tuple[SwapRecord, ...]:
         """Report records for every step (norms first, then other layers, each in order)."""
@@ -125,7 +135,13 @@ class Plan:
 
     def report(self, *, dry_run: bool) -> SwapReport:
         """The plan as a :class:`SwapReport`."""
-        return SwapReport(self.records(), self.spec.to_dict(), dry_run=dry_run, notes=self.notes)
+        return SwapReport(
+            self.records(),
+            self.spec.to_dict(),
+            dry_run=dry_run,
+            notes=self.notes,
+            replace=self.replace,
+        )
 
 
 def check_model(model: object) -> None:
@@ -177,10 +193,11 @@ def _scripted_norms(
     inc: tuple[str, ...] | None,
     exc: tuple[str, ...],
     strict: bool,
+    kinds: tuple[str, ...],
 ) -> list[tuple[str, str]]:
-    """Problems for TorchScript submodules holding a BatchNorm normswap cannot replace: a
-    selected one, or any one under ``strict`` (which refuses every BatchNorm left)."""
-    names = {cls.__name__ for cls in _subclasses(source_classes())}
+    """Problems for TorchScript submodules holding a norm of the replaced kinds that normswap
+    cannot replace: a selected one, or any one under ``strict`` (which refuses every one left)."""
+    names = {cls.__name__ for cls in _subclasses(source_classes(kinds))}
     problems = []
     for module, paths in modules:
         if not isinstance(module, torch.jit.ScriptModule) or not paths[0]:
@@ -211,16 +228,17 @@ def _subclasses(classes: tuple[type, ...]) -> set[type]:
 
 
 def _with_model_dtype(src: SourceNorm, model: nn.Module, traced: NormFacts | None) -> SourceNorm:
-    """A source with no floating tensor of its own takes the dtype of its traced input, else
-    the model's first floating tensor's device and dtype."""
+    """A source with no floating tensor of its own takes the model's first floating tensor's
+    device, and the dtype of its traced input (else that tensor's)."""
     own = [*src.module.parameters(recurse=False), *src.module.buffers(recurse=False)]
     if any(t.is_floating_point() for t in own):
         return src
-    if traced is not None and traced.input_dtype is not None:
-        return dataclasses.replace(src, dtype=traced.input_dtype)
     for t in (*model.parameters(), *model.buffers()):
         if t.is_floating_point():
-            return dataclasses.replace(src, device=t.device, dtype=t.dtype)
+            src = dataclasses.replace(src, device=t.device, dtype=t.dtype)
+            break
+    if traced is not None and traced.input_dtype is not None:
+        src = dataclasses.replace(src, dtype=traced.input_dtype)
     return src
 
 
@@ -242,6 +260,7 @@ def plan(
     exclude: str | Iterable[str] | None = None,
     example_inputs: Any = None,
     strict: bool = False,
+    replace: str | Iterable[str] | None = None,
     **overrides: Any,
 ) -> Plan:
     """Plan a swap without modifying ``model``.
@@ -254,7 +273,10 @@ def plan(
         example_inputs: inputs for one traced forward pass (a tensor, a tuple of
             positional args, or a dict of keyword args). Gives every norm's input rank
             and producer; needed to fold BN (or torch.fx is tried without it).
-        strict: refuse the plan if any BatchNorm-family module would remain.
+        strict: refuse the plan if any norm of the replaced kinds would remain.
+        replace: which source kinds to replace: a kind (``"bn"``, the default; ``"ln"``,
+            ``"ln2d"``, ``"gn"``, ``"in"``, ``"rms"``, ``"frozen"``), a tuple of them, or
+            ``"any"`` (:data:`normswap.sources.SOURCE_KINDS`).
         **overrides: spec field overrides (``num_groups=16``).
 
     Returns:
@@ -273,6 +295,7 @@ def plan(
     check_model(model)
     spec = get_spec(spec, **overrides)
     target = get_family(spec.name).target
+    kinds = resolve_replace(replace)
     inc = _patterns(include, "include")
     exc = _patterns(exclude, "exclude") or ()
 
@@ -294,10 +317,11 @@ def plan(
         if not any(fnmatchcase(p, pat) for p in all_paths):
             notes.append(f"exclude pattern {pat!r} matches no module")
 
-    sources = [(m, paths) for m, paths in all_modules if is_source_norm(m)]
-    problems += _scripted_norms(all_modules, inc, exc, strict)
+    found_kinds = [(m, paths, source_kind(m)) for m, paths in all_modules]
+    sources = [(m, paths) for m, paths, kind in found_kinds if kind in kinds]
+    problems += _scripted_norms(all_modules, inc, exc, strict, kinds)
     if not sources:
-        notes.append("the model holds no BatchNorm-family module: no norm to convert")
+        notes.append(_nothing_to_convert(kinds, [kind for _, _, kind in found_kinds if kind]))
     if any(paths[0] == "" for _, paths in sources):
         problems.append(
             ("<root>", "the model itself is a norm; wrap it in a container (nn.Sequential) first")
@@ -317,12 +341,28 @@ def plan(
                 )
             )
         else:
+            norm_types = tuple(dict.fromkeys(type(m) for m, _ in sources))
             try:
-                facts = graph_facts(model, example_inputs, norm_types=source_classes())
+                facts = graph_facts(model, example_inputs, norm_types=norm_types or None)
             except NormSwapError as err:
                 problems.append(("<trace>", str(err)))
     owners = parameter_owners(model)
     folded_into: dict[str, str] = {}
+
+    described: dict[int, SourceNorm] = {}
+    for module, paths in selected:
+        try:
+            traced = facts.norms.get(paths[0]) if facts is not None else None
+            described[id(module)] = _with_model_dtype(describe_source(module), model, traced)
+        except NormSwapError as err:
+            problems.append((paths[0], str(err)))
+    analysis = None
+    if described and not problems:
+        chosen = [(described[id(m)], tuple(paths)) for m, paths in selected if id(m) in described]
+        try:
+            analysis = target.analyze(model, chosen, spec, example_inputs)
+        except NormSwapError as err:
+            problems.append(("<analysis>", str(err)))
 
     norm_steps: list[NormStep] = []
     norm_paths: list[str] = []
@@ -332,20 +372,26 @@ def plan(
             decision = Decision(SKIP, type(module).__name__, reason="excluded by include/exclude")
             norm_steps.append(NormStep(module, tuple(paths), None, decision))
             continue
-        try:
-            traced = facts.norms.get(paths[0]) if facts is not None else None
-            src = _with_model_dtype(describe_source(module), model, traced)
-        except NormSwapError as err:
-            problems.append((paths[0], str(err)))
-            continue
+        src = described.get(id(module))
+        if src is None:
+            continue  # its problem is listed
         rank = spatial = None
         if facts is not None and paths[0] in facts.norms and facts.norms[paths[0]].calls:
             seen = facts.norms[paths[0]]
             rank = seen.input_rank
-            spatial = min((math.prod(shape[2:]) for shape in seen.input_shapes), default=None)
+            spatial = min((_positions(shape, src) for shape in seen.input_shapes), default=None)
         elif src.ranks is not None and len(src.ranks) == 1:
             rank = src.ranks[0]
-        ctx = NormContext(paths[0], rank, facts, spatial, model=model, owners=owners)
+        ctx = NormContext(
+            paths[0],
+            rank,
+            facts,
+            spatial,
+            model=model,
+            owners=owners,
+            analysis=analysis,
+            paths=tuple(paths),
+        )
         decision = target.decide(src, spec, ctx)
         if decision.problem:
             problems.append((paths[0], decision.problem))
@@ -373,7 +419,9 @@ def plan(
         if paths[0] and _selected(paths, inc, exc) and not _inside(paths[0], inside)
     ]
     decisions = {s.paths[0]: (s.source, s.decision) for s in norm_steps if s.source is not None}
-    layer_steps = target.plan_layers(candidates, spec, PlanContext(model, owners, decisions))
+    layer_steps = target.plan_layers(
+        candidates, spec, PlanContext(model, owners, decisions, analysis)
+    )
 
     if strict:
         for step in norm_steps:
@@ -392,4 +440,30 @@ def plan(
             f"nothing was modified:\n{lines}",
             problems,
         )
-    return Plan(spec, target, tuple(norm_steps), tuple(layer_steps), tuple(notes))
+    return Plan(spec, target, tuple(norm_steps), tuple(layer_steps), tuple(notes), kinds, analysis)
+
+
+def _positions(shape: tuple[int, ...], src: SourceNorm) -> int:
+    """The positions of one sample's input: dims other than the batch and the channel axis."""
+    return math.prod(shape[1:-1]) if src.channels_last else math.prod(shape[2:])
+
+
+#: How a note names the modules of each source kind.
+_KIND_LABEL = {"bn": "BatchNorm-family"}
+
+
+def _nothing_to_convert(kinds: tuple[str, ...], present: list[str]) -> str:
+    """The note for a model without a norm of the replaced kinds: and which norms it has."""
+    label = " or ".join(_KIND_LABEL.get(k, f"{k!r}") for k in kinds)
+    note = f"the model holds no {label} module: no norm to convert"
+    counts: dict[str, int] = {}
+    for kind in present:
+        counts[kind] = counts.get(kind, 0) + 1
+    if counts:
+        held = ", ".join(f"{k!r} x{n}" for k, n in counts.items())
+        choice = next(iter(counts)) if len(counts) == 1 else "any"
+        note += (
+            f"; it holds other norms ({held}; kinds: normswap.sources.SOURCE_KINDS): convert "
+            f"them with replace={choice!r}"
+        )
+    return note

@@ -130,6 +130,7 @@ def plan_progressive(
     exclude: str | Iterable[str] | None = None,
     example_inputs: Any = None,
     strict: bool = False,
+    replace: str | Iterable[str] | None = None,
     **overrides: Any,
 ) -> Plan:
     """:func:`normswap.plan`, plus the rules of a progressive conversion; modifies nothing.
@@ -152,6 +153,7 @@ def plan_progressive(
         exclude=exclude,
         example_inputs=example_inputs,
         strict=strict,
+        replace=replace,
         **overrides,
     )
     name = the_plan.spec.name
@@ -185,6 +187,7 @@ def swap_progressive(
     exclude: str | Iterable[str] | None = None,
     example_inputs: Any = None,
     strict: bool = False,
+    replace: str | Iterable[str] | None = None,
     **overrides: Any,
 ) -> SwapReport:
     """Swap like :func:`normswap.swap`, each new norm blended with its pretrained BatchNorm.
@@ -212,6 +215,7 @@ def swap_progressive(
         exclude=exclude,
         example_inputs=example_inputs,
         strict=strict,
+        replace=replace,
         **overrides,
     )
     return apply(model, the_plan, wrap=_blend_wrapper)

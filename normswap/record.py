@@ -69,6 +69,8 @@ def surgery_record(
         "exclude": _list(exclude),
         "report": report.to_dict(),
     }
+    if report.replace != ("bn",):  # a record without it replaced BatchNorm (older records too)
+        record["replace"] = list(report.replace)
     if progressive is not None:
         record["progressive"] = dict(progressive)
     return record
@@ -118,6 +120,7 @@ def swap_for_training(
     exclude: str | Iterable[str] | None = None,
     example_inputs: Any = None,
     strict: bool = False,
+    replace: str | Iterable[str] | None = None,
 ) -> SwapReport:
     """:func:`~normswap.swap` for a model in training mode.
 
@@ -142,6 +145,7 @@ def swap_for_training(
             exclude=exclude,
             example_inputs=example_inputs,
             strict=strict,
+            replace=replace,
         )
     finally:
         restore_training_flags(model, flags)
@@ -175,6 +179,7 @@ def replay(
         include=record.get("include"),
         exclude=record.get("exclude"),
         example_inputs=example_inputs,
+        replace=record.get("replace"),
     )
     recorded = record.get("report", {}).get("records")
     if recorded is not None:

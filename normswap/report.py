@@ -15,6 +15,8 @@ FOLD = "fold"  # a BN folded into its producer, replaced by Identity
 REMOVE = "remove"  # a BN replaced by Identity
 WEIGHT_NORM = "weight_norm"  # a conv/linear weight-normalized
 STANDARDIZE = "standardize"  # a conv weight-standardized
+CENTER = "center"  # a layer's weights centred / a norm's γ/β folded in (exact LN -> RMSNorm)
+UNTIE = "untie"  # a tied weight given its own copy
 SKIP = "skip"  # left as it is, for the stated reason
 
 
@@ -26,7 +28,8 @@ class SwapRecord:
         path: canonical module path (the first path ``named_modules`` yields).
         source: class name before.
         target: class name after (equal to ``source`` when skipped).
-        action: ``replace``, ``fold``, ``remove``, ``weight_norm``, ``standardize`` or ``skip``.
+        action: ``replace``, ``fold``, ``remove``, ``weight_norm``, ``standardize``,
+            ``center`` (weights centred or a norm's γ/β folded in), ``untie`` or ``skip``.
         channels: channel count (C) for norms, ``None`` otherwise.
         groups: the group count chosen, where groups apply.
         eps: the eps of the new norm, where one applies.
@@ -71,7 +74,7 @@ def _count_key(r: SwapRecord) -> str:
         return f"{r.source} (kept)"
     if r.action == FOLD:
         return f"{r.source} -> folded"
-    if r.action in (WEIGHT_NORM, STANDARDIZE):
+    if r.action in (WEIGHT_NORM, STANDARDIZE, CENTER, UNTIE):
         return f"{r.source} + {r.action}"
     return f"{r.source} -> {r.target}"
 
@@ -87,6 +90,7 @@ class SwapReport(Sequence[SwapRecord]):
         spec: the spec's dictionary (``{"name": "gn", ...}``).
         dry_run: ``True`` when nothing was modified.
         notes: model-level remarks, e.g. that the model holds no BatchNorm.
+        replace: the source kinds that were replaced (``("bn",)`` by default).
 
     Example:
         >>> import torchvision
@@ -99,6 +103,7 @@ class SwapReport(Sequence[SwapRecord]):
     spec: dict[str, Any]
     dry_run: bool = False
     notes: tuple[str, ...] = field(default=())
+    replace: tuple[str, ...] = ("bn",)
 
     @overload
     def __getitem__(self, index: int) -> SwapRecord: ...
@@ -145,6 +150,7 @@ class SwapReport(Sequence[SwapRecord]):
         """
         return {
             "spec": dict(self.spec),
+            "replace": list(self.replace),
             "dry_run": self.dry_run,
             "notes": list(self.notes),
             "counts": self.counts(),
@@ -152,8 +158,9 @@ class SwapReport(Sequence[SwapRecord]):
         }
 
     def __str__(self) -> str:
+        settings = {**self.spec, **({} if self.replace == ("bn",) else {"replace": self.replace})}
         title = f"normswap {'plan (dry run)' if self.dry_run else 'report'}: " + ", ".join(
-            f"{k}={v}" for k, v in self.spec.items()
+            f"{k}={v}" for k, v in settings.items()
         )
         lines = [title]
         lines += [f"  note: {n}" for n in self.notes]

@@ -83,6 +83,9 @@ def apply(model: nn.Module, the_plan: Plan, *, wrap: Wrap | None = None) -> Swap
     folds = [s for s in the_plan.norm_steps if s.decision.action == FOLD]
     producers = [model.get_submodule(s.decision.into) for s in folds if s.decision.into]
     writes = [t for p in producers for t in (p.weight, p.bias) if isinstance(t, torch.Tensor)]
+    for layer_step in the_plan.layer_steps:
+        if layer_step.action != SKIP:
+            writes += target.layer_writes(layer_step, spec)
     journal = Journal(model, writes)
     step = "building the new modules"
     try:
@@ -110,6 +113,8 @@ def apply(model: nn.Module, the_plan: Plan, *, wrap: Wrap | None = None) -> Swap
             if layer_step.action != SKIP:
                 step = f"{layer_step.action} on {layer_step.paths[0]}"
                 target.apply_layer(layer_step, spec)
+        step = "checking the result"
+        target.check_applied(model, the_plan)
     except Exception as err:
         journal.rollback()
         raise ApplyError(
@@ -134,15 +139,17 @@ def swap(
     dry_run: bool = False,
     strict: bool = False,
     example_inputs: Any = None,
+    replace: str | Iterable[str] | None = None,
     **overrides: Any,
 ) -> SwapReport:
-    """Replace the BatchNorm-family modules of ``model`` in place and report what was done.
+    """Replace the norms of ``model`` in place and report what was done.
 
-    Finds every BN flavour by class hierarchy (BatchNorm1d/2d/3d, SyncBatchNorm, lazy BN,
-    torchvision's FrozenBatchNorm2d, subclasses and anything added with
-    :func:`~normswap.register_source`), plans the whole conversion, and only then changes the
-    model: if any step is invalid, one :class:`~normswap.errors.SwapError` lists every offending
-    module and nothing is modified.
+    By default replaces every BatchNorm flavour, found by class hierarchy (BatchNorm1d/2d/3d,
+    SyncBatchNorm, lazy BN, torchvision's FrozenBatchNorm2d, frozen-BN look-alikes, subclasses
+    and anything added with :func:`~normswap.register_source`); ``replace=`` chooses other
+    source kinds (LayerNorm, GroupNorm, InstanceNorm, RMSNorm, ...). It plans the whole
+    conversion, and only then changes the model: if any step is invalid, one
+    :class:`~normswap.errors.SwapError` lists every offending module and nothing is modified.
 
     Args:
         model: the model to convert (modified in place).
@@ -152,11 +159,14 @@ def swap(
         include: glob pattern(s) on module paths to convert (``"layer4.*"``).
         exclude: glob pattern(s) on module paths to leave alone (``"*.downsample.*"``).
         dry_run: plan only; return the plan as a report without modifying anything.
-        strict: fail if any BatchNorm-family module would remain.
+        strict: fail if any norm of the replaced kinds would remain.
         example_inputs: inputs for one traced forward (a tensor, a tuple of positional
             args, or a dict of keyword args; see :mod:`normswap.inputs`): checks input ranks
-            (BatchNorm1d on (N, C) vs (N, C, L)) and finds the conv feeding each BN for ``wn``
-            with ``bn="fold"``.
+            (BatchNorm1d on (N, C) vs (N, C, L); a channels-last map vs tokens), finds the conv
+            feeding each BN for ``wn`` with ``bn="fold"``, and the layers an exact LayerNorm →
+            RMSNorm rewrite changes (``"rms"`` with ``center="fold"``).
+        replace: the source kinds to replace: ``"bn"`` (the default), ``"ln"``, ``"ln2d"``,
+            ``"gn"``, ``"in"``, ``"rms"``, ``"frozen"``, a tuple of them, or ``"any"``.
         **overrides: spec field overrides, e.g. ``num_groups=16``.
 
     Returns:
@@ -173,6 +183,9 @@ def swap(
         >>> report = normswap.swap(model, "gn", num_groups=16, exclude="*.downsample.*")
         >>> report.counts()
         {'BatchNorm2d -> GroupNorm': 17, 'BatchNorm2d (kept)': 3}
+        >>> vit = torchvision.models.vit_b_16()
+        >>> normswap.swap(vit, "dyt", replace="ln").counts()
+        {'LayerNorm -> DyT': 25}
     """
     the_plan = plan(
         model,
@@ -181,6 +194,7 @@ def swap(
         exclude=exclude,
         example_inputs=example_inputs,
         strict=strict,
+        replace=replace,
         **overrides,
     )
     if dry_run:

@@ -297,7 +297,7 @@ def test_root_norm_refused() -> None:
 
 def test_spec_errors() -> None:
     model = _conv_net()
-    with pytest.raises(SpecError, match="choose one of: adalin, adaln, frozen, gn"):
+    with pytest.raises(SpecError, match="choose one of: adalin, adaln, derf, dyt, frozen, gn"):
         normswap.swap(model, "batchnorm")
     with pytest.raises(SpecError, match=r"valid fields: .*num_groups"):
         normswap.swap(model, "gn", groups=4)

@@ -39,6 +39,7 @@ __all__ = ["NORM_CALLBACK_OPTIONS", "SCHEMA_GROUPS", "register_schemas", "schema
 NORM_CALLBACK_OPTIONS: dict[str, Any] = {
     "include": Any,
     "exclude": Any,
+    "replace": Any,
     "calibrate": bool | None,
     "calibrate_batches": int | None,
     "distill_steps": int | None,

@@ -100,6 +100,7 @@ def build_norm_callback(norm_cfg: DictConfig, example_inputs: Any = None) -> pl.
     from normswap.callbacks import NormSwap
 
     include, exclude = fields.pop("include", None), fields.pop("exclude", None)
+    replace = fields.pop("replace", None)
     calibrate_batches = fields.pop("calibrate_batches", None)
     distill_steps = fields.pop("distill_steps", None)
     if distill_steps:
@@ -114,6 +115,7 @@ def build_norm_callback(norm_cfg: DictConfig, example_inputs: Any = None) -> pl.
     kwargs: dict[str, Any] = {
         "include": include,
         "exclude": exclude,
+        "replace": replace,
         "example_inputs": example_inputs,
     }
     if calibrate_batches is not None:

@@ -33,6 +33,7 @@ from normswap.progressive import (
 )
 from normswap.record import RECORD_FORMAT, surgery_record, swap_for_training
 from normswap.report import SwapReport
+from normswap.sources import resolve_replace
 from normswap.specs import NormSpec, get_spec
 
 __all__ = ["CalibrateFn", "NormSwap"]
@@ -102,7 +103,9 @@ class NormSwap(Callback):
             :mod:`normswap.inputs`).
         example_inputs: inputs for one traced forward pass of the LightningModule (needed
             for models torch.fx cannot trace when folding, and to check input ranks).
-        strict: fail if any BatchNorm-family module would remain.
+        strict: fail if any norm of the replaced kinds would remain.
+        replace: the source kinds to replace (``"bn"`` by default; ``"ln"``, a tuple, or
+            ``"any"``; see :func:`normswap.swap`).
         progressive: a :class:`~normswap.BlendSchedule`, its fields as a mapping
             (``{"end": 1000, "shape": "cosine"}``), or the step at which the model is fully
             converted (an int); ``None`` swaps at once.
@@ -127,9 +130,11 @@ class NormSwap(Callback):
         example_inputs: Any = None,
         strict: bool = False,
         progressive: BlendSchedule | Mapping[str, Any] | int | None = None,
+        replace: str | Iterable[str] | None = None,
         **overrides: Any,
     ) -> None:
         super().__init__()
+        self.replace = resolve_replace(replace)  # SpecError names the valid kinds
         self.progressive = _schedule(progressive)
         self._finished = False
         self._alpha: float | None = None
@@ -213,6 +218,7 @@ class NormSwap(Callback):
             exclude=self.exclude,
             example_inputs=self.example_inputs,
             strict=self.strict,
+            replace=self.replace,
         )
 
     def _log_report(self, trainer: pl.Trainer, report: SwapReport) -> None:

@@ -133,8 +133,8 @@ def _grad_enabled(modules: Iterable[nn.Module]) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-# Ops that take a tensor argument without reading its values.
-_VALUE_FREE = frozenset(
+#: Ops that take a tensor argument without reading its values.
+VALUE_FREE = frozenset(
     {
         "empty_like", "zeros_like", "ones_like", "full_like", "rand_like", "randn_like",
         "randint_like", "new_empty", "new_empty_strided", "new_zeros", "new_ones", "new_full",
@@ -181,7 +181,7 @@ class _ReadWatcher(TorchDispatchMode):
     ) -> Any:
         kwargs = kwargs or {}
         name = func.overloadpacket.__name__
-        if self.watched and name not in _VALUE_FREE:
+        if self.watched and name not in VALUE_FREE:
             self._note(name, args)
             self._note(name, tuple(kwargs.values()))
         return func(*args, **kwargs)

@@ -130,6 +130,11 @@ def norm_fold_problems(
     """
     if src is None:
         return [f"{kind} is not a BatchNorm; only BatchNorm folds into a conv/linear"]
+    if src.over != "batch":
+        return [
+            f"{src.kind} normalizes each sample with its own statistics: only a BatchNorm (a "
+            "fixed affine map in eval mode) folds into a conv/linear"
+        ]
     problems = []
     if not src.has_statistics:
         problems.append(

@@ -6,7 +6,8 @@ Found by :func:`family_of`, in this order:
    hierarchy (MRO), so a subclass is found through its base and the most specific registration
    wins; every norm family registers its layers here (:func:`normswap.register_family`), and
    :func:`register_monitor_family` adds other classes (``nn.RMSNorm`` is ``"rms"``);
-2. ``"bn"`` for every BatchNorm source (:func:`normswap.sources.is_source_norm`);
+2. the source kind of every other source norm (``"bn"`` for BatchNorm flavours;
+   :func:`normswap.sources.source_kind`);
 3. the rules added with :func:`register_monitor_rule` (the ``wn`` family reports a conv/linear
    whose weight carries weight norm as ``"wn"``).
 """
@@ -22,7 +23,7 @@ from torch import nn
 from normswap.errors import SpecError
 from normswap.norms import BlendNorm, NormThen
 from normswap.registry import TypeRegistry
-from normswap.sources import is_source_norm
+from normswap.sources import source_kind
 
 __all__ = [
     "MONITOR_FAMILIES",
@@ -118,8 +119,9 @@ def family_of(module: nn.Module) -> str | None:
     name = MONITOR_FAMILIES.lookup(module)
     if name is not None:
         return name
-    if is_source_norm(module):
-        return "bn"
+    kind = source_kind(module)
+    if kind is not None:
+        return kind
     for rule, rule_name in _RULES:
         if rule(module):
             return rule_name

@@ -76,7 +76,8 @@ def adapt_statistics(
         except ValueError:
             continue
         if (
-            src.has_statistics
+            src.source == "bn"
+            and src.has_statistics
             and hasattr(module, "momentum")
             and hasattr(module, "reset_running_stats")
         ):

@@ -159,9 +159,10 @@ def convert_pretrained(
     progressive: float = 0.0,
     adapt_teacher: bool = False,
     ood_data: Any = None,
+    replace: str | Iterable[str] | None = None,
     **overrides: Any,
 ) -> ConversionResult:
-    """Swap ``model``'s BatchNorms for ``spec`` and bring it back to its pretrained behaviour.
+    """Swap ``model``'s norms for ``spec`` and bring it back to its pretrained behaviour.
 
     Steps: keep a deep copy of ``model`` as the reference; :func:`normswap.swap` (with the first
     input of ``data`` as example input: it checks input ranks and, for ``wn``, finds the layer
@@ -206,6 +207,7 @@ def convert_pretrained(
             starting point) is the model adapted to the target domain.
         ood_data: inputs from sources that no step sees (neither calibration, distillation,
             nor early stopping); the result's ``ood_fidelity`` is measured on them.
+        replace: the source kinds to convert (``"bn"`` by default; see :func:`normswap.swap`).
         **overrides: spec field overrides, e.g. ``num_groups=16``.
 
     Returns:
@@ -272,13 +274,20 @@ def convert_pretrained(
             check_runs(reference, first, "model", "conversion data")
         if progressive:
             # Refuses families that cannot blend before anything is modified.
-            plan_progressive(reference, the_spec, include=include, exclude=exclude)
+            plan_progressive(reference, the_spec, include=include, exclude=exclude, replace=replace)
         if adapt_teacher:
             adapt_statistics(reference, data, batch_size=batch_size, batch_to_input=batch_to_input)
             model.load_state_dict(reference.state_dict())
         # One traced forward tells input ranks and, for weight norm, each BN's producer.
         convert = swap_progressive if progressive else swap
-        report = convert(model, the_spec, include=include, exclude=exclude, example_inputs=first)
+        report = convert(
+            model,
+            the_spec,
+            include=include,
+            exclude=exclude,
+            example_inputs=first,
+            replace=replace,
+        )
         layers = converted_layers(model, reference)
         calibration = distillation = None
         if layers:

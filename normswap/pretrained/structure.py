@@ -6,7 +6,7 @@ from torch import nn
 
 from normswap.errors import CalibrationError
 from normswap.norms import AfterNorm
-from normswap.sources import is_source_norm
+from normswap.sources import source_kind
 
 __all__ = ["converted_layers", "unwrap"]
 
@@ -75,7 +75,7 @@ def converted_layers(model: nn.Module, reference: nn.Module) -> dict[str, nn.Mod
         if mod is None:
             problems.append(f"{path!r} ({type(ref_mod).__name__}) is missing from the model")
             continue
-        if is_source_norm(ref_mod):
+        if source_kind(ref_mod) is not None:
             norm_prefixes.append(path + ".")
             if mod is ref_mod:
                 problems.append(
@@ -83,7 +83,7 @@ def converted_layers(model: nn.Module, reference: nn.Module) -> dict[str, nn.Mod
                     "reference must be a copy made before the swap (copy.deepcopy)"
                 )
             elif (
-                not is_source_norm(mod)
+                type(mod) is not type(ref_mod)  # converted (an excluded norm keeps its class)
                 and not isinstance(mod, nn.Identity | AfterNorm)  # folded or removed
                 and id(mod) not in seen
             ):

@@ -30,7 +30,7 @@ def _statistics_norms(model: nn.Module) -> list[tuple[nn.Module, Tensor, Tensor]
             src = describe_source(module)
         except ValueError:
             continue
-        if src.has_statistics:
+        if src.source == "bn" and src.has_statistics:
             assert src.running_mean is not None and src.running_var is not None
             found.append((module, src.running_mean.detach(), src.running_var.detach()))
     return found

@@ -301,8 +301,9 @@ def test_custom_norm_types() -> None:
     facts = trace(model, torch.randn(1, 3, 4, 4), norm_types=(nn.GroupNorm,))
     assert list(facts) == ["1"]
     assert facts["1"].producer == "0" and not facts["1"].foldable
-    assert (
-        facts["1"].reason == "GroupNorm is not a BatchNorm; only BatchNorm folds into a conv/linear"
+    assert facts["1"].reason == (
+        "GroupNorm normalizes each sample with its own statistics: only a BatchNorm (a fixed "
+        "affine map in eval mode) folds into a conv/linear"
     )
     with pytest.raises(TraceError, match="norm_types must be a non-empty tuple of classes"):
         trace(model, torch.randn(1, 3, 4, 4), norm_types=())

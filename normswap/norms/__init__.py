@@ -16,12 +16,15 @@ from normswap.norms.act import (
     AdaLINAct,
     AdaLNAct,
     AfterNorm,
+    DerfAct,
+    DyTAct,
     FrozenAffineAct,
     GroupNormAct,
     InstanceNormAct,
     LayerNorm2dAct,
     LayerNormAct,
     NormThen,
+    RMSNormAct,
     with_after,
 )
 from normswap.norms.adaptive import AdaLIN, AdaLN, Conditioned, condition
@@ -32,6 +35,8 @@ from normswap.norms.frozen import FrozenAffine
 from normswap.norms.group import GROUP_POLICIES, GroupNorm, resolve_groups
 from normswap.norms.instance import InstanceNorm
 from normswap.norms.layer import LayerNorm, LayerNorm2d
+from normswap.norms.pointwise import Derf, DyT, PointwiseNorm
+from normswap.norms.rms import RMSNorm
 from normswap.norms.weight import (
     Reparam,
     WeightKind,
@@ -54,6 +59,10 @@ __all__ = [
     "BlendNorm",
     "ChannelAffineNorm",
     "Conditioned",
+    "Derf",
+    "DerfAct",
+    "DyT",
+    "DyTAct",
     "FrozenAffine",
     "FrozenAffineAct",
     "GroupNorm",
@@ -65,6 +74,9 @@ __all__ = [
     "LayerNorm2dAct",
     "LayerNormAct",
     "NormThen",
+    "PointwiseNorm",
+    "RMSNorm",
+    "RMSNormAct",
     "Reparam",
     "WeightKind",
     "WeightStandardization",

@@ -24,18 +24,23 @@ from normswap.norms.frozen import FrozenAffine
 from normswap.norms.group import GroupNorm
 from normswap.norms.instance import InstanceNorm
 from normswap.norms.layer import LayerNorm, LayerNorm2d
+from normswap.norms.pointwise import Derf, DyT
+from normswap.norms.rms import RMSNorm
 
 __all__ = [
     "ACT_VARIANTS",
     "AdaLINAct",
     "AdaLNAct",
     "AfterNorm",
+    "DerfAct",
+    "DyTAct",
     "FrozenAffineAct",
     "GroupNormAct",
     "InstanceNormAct",
     "LayerNorm2dAct",
     "LayerNormAct",
     "NormThen",
+    "RMSNormAct",
     "with_after",
 ]
 
@@ -154,6 +159,33 @@ class FrozenAffineAct(_ThenAfter, FrozenAffine):
     """
 
 
+class RMSNormAct(_ThenAfter, RMSNorm):
+    """:class:`~normswap.RMSNorm` then the source's modules.
+
+    Example:
+        >>> type(with_after(RMSNorm(4), [("act", nn.ReLU())])).__name__
+        'RMSNormAct'
+    """
+
+
+class DyTAct(_ThenAfter, DyT):
+    """:class:`~normswap.DyT` then the source's modules.
+
+    Example:
+        >>> type(with_after(DyT(4), [("act", nn.ReLU())])).__name__
+        'DyTAct'
+    """
+
+
+class DerfAct(_ThenAfter, Derf):
+    """:class:`~normswap.Derf` then the source's modules.
+
+    Example:
+        >>> type(with_after(Derf(4), [("act", nn.ReLU())])).__name__
+        'DerfAct'
+    """
+
+
 #: The ``*Act`` variant of each norm layer class (exact classes: a subclass with its own
 #: ``forward`` is wrapped in a :class:`NormThen` instead).
 ACT_VARIANTS: dict[type[nn.Module], type[nn.Module]] = {
@@ -164,6 +196,9 @@ ACT_VARIANTS: dict[type[nn.Module], type[nn.Module]] = {
     AdaLIN: AdaLINAct,
     AdaLN: AdaLNAct,
     FrozenAffine: FrozenAffineAct,
+    RMSNorm: RMSNormAct,
+    DyT: DyTAct,
+    Derf: DerfAct,
 }
 
 

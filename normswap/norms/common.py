@@ -4,6 +4,7 @@ the per-channel affine base class."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -13,9 +14,11 @@ from normswap.errors import NormSwapError, SpecError
 __all__ = [
     "CHANNELS_LAST",
     "ChannelAffineNorm",
+    "channels_to_last",
     "is_positive_int",
     "keep_memory_format",
     "memory_format",
+    "per_position",
     "refuse_input",
     "spatial_numel",
     "where",
@@ -107,6 +110,56 @@ def keep_memory_format(out: Tensor, like: Tensor) -> Tensor:
     return out.contiguous(memory_format=memory_format(like))
 
 
+def channels_to_last(rank: int) -> tuple[list[int], list[int]]:
+    """The permutation moving dim 1 last and the one moving it back, as explicit lists (what
+    scripting, tracing and export record; ``movedim(1, -1)`` exports to ONNX as a Transpose
+    with perm -1).
+
+    Example:
+        >>> channels_to_last(4)
+        ([0, 2, 3, 1], [0, 3, 1, 2])
+    """
+    last = list(range(rank))
+    last.append(last.pop(1))  # (0, 2, ..., 1)
+    back = [0, rank - 1]
+    for d in range(1, rank - 1):
+        back.append(d)  # (0, last, 1, ...)
+    return last, back
+
+
+def per_position(x: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
+    """Apply ``fn``, an op over the last dim, to the channels (dim 1) of ``x`` at every
+    position, and return the result in ``x``'s memory format (eager mode).
+
+    For channels_last input moving C last is a free view, and only the output is copied once
+    (under autograd, so that it is not a view); contiguous 4-d/5-d input is first copied to
+    channels_last by the dedicated kernel, and the output is copied back. Why:
+    ``benchmarks/NOTES.md`` ("LayerNorm2d").
+
+    Example:
+        >>> x = torch.randn(2, 3, 4, 4)
+        >>> out = per_position(x, lambda t: t - t.mean(-1, keepdim=True))
+        >>> torch.allclose(out.mean(1), torch.zeros(2, 4, 4), atol=1e-6), out.is_contiguous()
+        (True, True)
+    """
+    if x.dim() == 2:
+        return fn(x)
+    fmt = memory_format(x)
+    channels_last = CHANNELS_LAST.get(x.dim())
+    if fmt == torch.contiguous_format and channels_last is not None:
+        # One dedicated NCHW -> NHWC copy, then the same path as channels_last input.
+        inner = x.contiguous(memory_format=channels_last)
+    else:
+        inner = x  # channels_last: moving C last below is a free view
+    moved = fn(inner.movedim(1, -1)).movedim(-1, 1)
+    if fmt is torch.contiguous_format or not moved.requires_grad:
+        return moved.contiguous(memory_format=fmt)  # a copy, or a view with no autograd
+    # channels_last under autograd: ``moved`` is a view of ``out``, and an in-place op after
+    # this layer (resnet's ReLU(inplace=True)) would make autograd replay it through copies
+    # (benchmarks/NOTES.md). A fresh tensor costs one copy forward and none backward.
+    return moved.clone(memory_format=fmt)
+
+
 class ChannelAffineNorm(nn.Module):
     """Base of the norms with a per-channel affine ``weight``/``bias`` of shape ``(C,)``.
 
@@ -130,6 +183,8 @@ class ChannelAffineNorm(nn.Module):
         affine: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         if not is_positive_int(num_channels):
@@ -143,6 +198,9 @@ class ChannelAffineNorm(nn.Module):
         self.num_channels = num_channels
         self.eps = float(eps)
         self.affine = bool(affine)
+        #: Whether the channel axis is the last dim (``(N, *S, C)``: a transformer's tokens or a
+        #: ConvNeXt block's channels-last map) instead of dim 1.
+        self.channels_last = bool(channels_last)
         self.weight: nn.Parameter | None
         self.bias: nn.Parameter | None
         if self.affine:
@@ -154,8 +212,9 @@ class ChannelAffineNorm(nn.Module):
         self._reset_affine()
 
     def _reset_affine(self) -> None:
-        if self.weight is not None and self.bias is not None:
+        if self.weight is not None:
             nn.init.ones_(self.weight)
+        if self.bias is not None:
             nn.init.zeros_(self.bias)
 
     def reset_parameters(self) -> None:
@@ -163,5 +222,6 @@ class ChannelAffineNorm(nn.Module):
         self._reset_affine()
 
     def extra_repr(self) -> str:
-        """Describe the layer: channels, eps and affine."""
-        return f"{self.num_channels}, eps={self.eps}, affine={self.affine}"
+        """Describe the layer: channels, eps and affine (and channels last, when it is)."""
+        last = ", channels_last=True" if self.channels_last else ""
+        return f"{self.num_channels}, eps={self.eps}, affine={self.affine}{last}"

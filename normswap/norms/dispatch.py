@@ -1,4 +1,5 @@
-"""Which group-norm kernel runs: the CPU layout detours, behind one switch.
+"""Which kernel runs: the CPU group-norm layout detours and normswap's eager CPU autograd
+functions (DyT, Derf, RMSNorm), behind one switch.
 
 Every layer of :mod:`normswap.norms` normalizes through :func:`group_norm`. On CPU, PyTorch's
 group-norm kernel is slow for some shapes in one memory format and fast in the other; where
@@ -18,7 +19,13 @@ from torch import Tensor
 
 from normswap.norms.common import CHANNELS_LAST, spatial_numel
 
-__all__ = ["group_norm", "kernel_dispatch_enabled", "set_kernel_dispatch"]
+__all__ = [
+    "EAGER_CPU_MIN_NUMEL",
+    "eager_cpu_kernel",
+    "group_norm",
+    "kernel_dispatch_enabled",
+    "set_kernel_dispatch",
+]
 
 _ENABLED = True
 
@@ -35,8 +42,38 @@ VIA_CONTIGUOUS_POSITIONS: dict[int, tuple[int, int | None]] = {
 VIA_CHANNELS_LAST_POSITIONS: tuple[tuple[int, int, int], ...] = ((8, 2, 7), (4, 4, 7))
 
 
+#: The smallest inputs (elements) where an eager CPU autograd function beats autograd's graph of
+#: the plain ops: below, its Python overhead outweighs the memory passes it saves
+#: (``benchmarks/NOTES.md``, "DyT, Derf and RMSNorm").
+EAGER_CPU_MIN_NUMEL: dict[str, int] = {"pointwise": 1 << 16, "rms": 1 << 17}
+
+
+def eager_cpu_kernel(kind: str, x: Tensor, *params: Tensor | None) -> bool:
+    """Whether a layer's eager CPU autograd function applies (``kind``: ``"pointwise"`` for DyT
+    and Derf, ``"rms"`` for RMSNorm): dispatch on, float32/float64 CPU input of at least
+    :data:`EAGER_CPU_MIN_NUMEL` elements, every parameter given present and of the input's dtype,
+    not scripted, traced, compiled or exported (those record the plain ops, which a compiler
+    fuses).
+
+    Example:
+        >>> w = torch.ones(1024)
+        >>> eager_cpu_kernel("rms", torch.zeros(2, 1024), w)
+        False
+        >>> eager_cpu_kernel("rms", torch.zeros(1024, 1024), w)
+        True
+    """
+    if not _ENABLED or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return False
+    if x.numel() < EAGER_CPU_MIN_NUMEL[kind]:
+        return False
+    if any(p is None or p.dtype != x.dtype for p in params):
+        return False
+    return not (torch.jit.is_tracing() or torch.compiler.is_compiling())
+
+
 def set_kernel_dispatch(enabled: bool) -> None:
-    """Turn the CPU layout detours of :func:`group_norm` on (the default) or off.
+    """Turn the CPU layout detours of :func:`group_norm` and the eager CPU autograd functions of
+    DyT, Derf and RMSNorm on (the default) or off.
 
     Example:
         >>> set_kernel_dispatch(False); kernel_dispatch_enabled()
@@ -50,7 +87,8 @@ def set_kernel_dispatch(enabled: bool) -> None:
 
 
 def kernel_dispatch_enabled() -> bool:
-    """Whether :func:`group_norm` may take a CPU layout detour.
+    """Whether :func:`group_norm` may take a CPU layout detour (and the eager CPU autograd
+    functions may run).
 
     Example:
         >>> kernel_dispatch_enabled()

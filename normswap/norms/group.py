@@ -138,6 +138,7 @@ class GroupNorm(nn.GroupNorm):
         affine: learn a per-channel scale (initialized to 1) and shift (initialized to 0).
         device: factory kwarg for the parameters.
         dtype: factory kwarg for the parameters.
+        channels_last: the channel axis is the last dim, ``(N, *S, C)``.
 
     Raises:
         NormSwapError: ``num_groups`` does not divide ``num_channels`` (the message lists the
@@ -160,11 +161,26 @@ class GroupNorm(nn.GroupNorm):
         affine: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        channels_last: bool = False,
     ) -> None:
         groups, _ = resolve_groups(num_channels, num_groups, policy="error")
         super().__init__(groups, num_channels, eps=eps, affine=affine, device=device, dtype=dtype)
+        #: Whether the channel axis is the last dim (a ConvNeXt block's ``(N, H, W, C)`` map).
+        self.channels_last = bool(channels_last)
 
     def _norm_forward(self, input: Tensor) -> Tensor:
+        """Normalize ``input`` (channels in dim 1, or last when ``channels_last``).
+
+        Example:
+            >>> GroupNorm(8, num_groups=4, channels_last=True)(torch.randn(2, 3, 3, 8)).shape
+            torch.Size([2, 3, 3, 8])
+        """
+        if self.channels_last:
+            return self._normalize(input.movedim(-1, 1)).movedim(1, -1)
+        return self._normalize(input)
+
+    def _normalize(self, input: Tensor) -> Tensor:
         """Normalize ``input`` of shape ``(N, C, *S)``.
 
         Args:
@@ -203,7 +219,8 @@ class GroupNorm(nn.GroupNorm):
 
     def extra_repr(self) -> str:
         """Describe the layer: channels, groups, eps and affine."""
+        last = ", channels_last=True" if self.channels_last else ""
         return (
             f"num_channels={self.num_channels}, num_groups={self.num_groups}, "
-            f"eps={self.eps}, affine={self.affine}"
+            f"eps={self.eps}, affine={self.affine}{last}"
         )

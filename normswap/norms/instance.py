@@ -42,6 +42,7 @@ class InstanceNorm(ChannelAffineNorm):
         track_running_stats: keep running statistics and use them in eval mode.
         device: factory kwarg for parameters and buffers.
         dtype: factory kwarg for parameters and buffers.
+        channels_last: the channel axis is the last dim, ``(N, *S, C)``.
 
     Example:
         >>> norm = InstanceNorm(64)
@@ -58,8 +59,17 @@ class InstanceNorm(ChannelAffineNorm):
         track_running_stats: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        channels_last: bool = False,
     ) -> None:
-        super().__init__(num_channels, eps=eps, affine=affine, device=device, dtype=dtype)
+        super().__init__(
+            num_channels,
+            eps=eps,
+            affine=affine,
+            device=device,
+            dtype=dtype,
+            channels_last=channels_last,
+        )
         if momentum is not None and (
             isinstance(momentum, bool)
             or not isinstance(momentum, int | float)
@@ -103,6 +113,17 @@ class InstanceNorm(ChannelAffineNorm):
         super().reset_parameters()
 
     def _norm_forward(self, x: Tensor) -> Tensor:
+        """Normalize ``x`` (channels in dim 1, or last when ``channels_last``).
+
+        Example:
+            >>> InstanceNorm(4, channels_last=True)(torch.randn(2, 3, 3, 4)).shape
+            torch.Size([2, 3, 3, 4])
+        """
+        if self.channels_last:
+            return self._normalize(x.movedim(-1, 1)).movedim(1, -1)
+        return self._normalize(x)
+
+    def _normalize(self, x: Tensor) -> Tensor:
         """Normalize ``x`` of shape ``(N, C, *S)`` over ``S``.
 
         Args:
@@ -176,7 +197,8 @@ class InstanceNorm(ChannelAffineNorm):
 
     def extra_repr(self) -> str:
         """Describe the layer: channels, eps, momentum, affine and running statistics."""
+        last = ", channels_last=True" if self.channels_last else ""
         return (
             f"{self.num_channels}, eps={self.eps}, momentum={self.momentum}, "
-            f"affine={self.affine}, track_running_stats={self.track_running_stats}"
+            f"affine={self.affine}, track_running_stats={self.track_running_stats}{last}"
         )

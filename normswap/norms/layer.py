@@ -16,9 +16,9 @@ from torch import Tensor
 
 from normswap.errors import NormSwapError
 from normswap.norms.common import (
-    CHANNELS_LAST,
     ChannelAffineNorm,
-    memory_format,
+    channels_to_last,
+    per_position,
     refuse_input,
     spatial_numel,
     where,
@@ -42,6 +42,7 @@ class LayerNorm(ChannelAffineNorm):
         affine: learn a per-channel ``weight`` (init 1) and ``bias`` (init 0) of shape ``(C,)``.
         device: factory kwarg for the parameters.
         dtype: factory kwarg for the parameters.
+        channels_last: the channel axis is the last dim, ``(N, *S, C)``.
 
     Example:
         >>> norm = LayerNorm(64)
@@ -50,6 +51,17 @@ class LayerNorm(ChannelAffineNorm):
     """
 
     def _norm_forward(self, x: Tensor) -> Tensor:
+        """Normalize ``x`` (channels in dim 1, or last when ``channels_last``).
+
+        Example:
+            >>> LayerNorm(4, channels_last=True)(torch.randn(2, 3, 3, 4)).shape
+            torch.Size([2, 3, 3, 4])
+        """
+        if self.channels_last:
+            return self._normalize(x.movedim(-1, 1)).movedim(1, -1)
+        return self._normalize(x)
+
+    def _normalize(self, x: Tensor) -> Tensor:
         """Normalize ``x`` of shape ``(N, C, *S)`` over ``(C, *S)``.
 
         Args:
@@ -103,6 +115,7 @@ class LayerNorm2d(ChannelAffineNorm):
         affine: learn a per-channel ``weight`` (init 1) and ``bias`` (init 0) of shape ``(C,)``.
         device: factory kwarg for the parameters.
         dtype: factory kwarg for the parameters.
+        channels_last: the channel axis is the last dim, ``(N, *S, C)``.
 
     Example:
         >>> norm = LayerNorm2d(64)
@@ -126,6 +139,10 @@ class LayerNorm2d(ChannelAffineNorm):
             >>> LayerNorm2d(4)(torch.randn(2, 4, 5)).shape
             torch.Size([2, 4, 5])
         """
+        if self.channels_last:  # nn.LayerNorm over the last dim: the fused op as it is
+            if not torch.jit.is_scripting():
+                self._check_last(x)
+            return F.layer_norm(x, [self.num_channels], self.weight, self.bias, self.eps)
         if torch.jit.is_scripting():
             return self._plain(x)
         else:
@@ -143,14 +160,18 @@ class LayerNorm2d(ChannelAffineNorm):
         shape = [self.num_channels]
         if x.dim() == 2:
             return F.layer_norm(x, shape, self.weight, self.bias, self.eps)
-        # Explicit permutations (movedim(1, -1) exports to ONNX as a Transpose with perm -1).
-        last = list(range(x.dim()))
-        last.append(last.pop(1))  # (0, 2, ..., 1)
-        back = [0, x.dim() - 1]
-        for d in range(1, x.dim() - 1):
-            back.append(d)  # (0, last, 1, ...)
+        last, back = channels_to_last(x.dim())
         out = F.layer_norm(x.permute(last), shape, self.weight, self.bias, self.eps)
         return out.permute(back)
+
+    @torch.jit.unused
+    def _check_last(self, x: Tensor) -> None:
+        if x.dim() < 2 or x.shape[-1] != self.num_channels:
+            raise NormSwapError(
+                f"{where(self)}: LayerNorm2d(channels_last=True) was built for "
+                f"{self.num_channels} channels in the last dim, got input of shape "
+                f"{tuple(x.shape)}"
+            )
 
     @torch.jit.unused
     def _eager(self, x: Tensor) -> Tensor:
@@ -163,20 +184,4 @@ class LayerNorm2d(ChannelAffineNorm):
                 f"bias; use LayerNorm (statistics over channels and positions) instead"
             )
         shape = (self.num_channels,)
-        if x.dim() == 2:
-            return F.layer_norm(x, shape, self.weight, self.bias, self.eps)
-        fmt = memory_format(x)
-        channels_last = CHANNELS_LAST.get(x.dim())
-        if fmt == torch.contiguous_format and channels_last is not None:
-            # One dedicated NCHW -> NHWC copy, then the same path as channels_last input.
-            inner = x.contiguous(memory_format=channels_last)
-        else:
-            inner = x  # channels_last: moving C last below is a free view
-        out = F.layer_norm(inner.movedim(1, -1), shape, self.weight, self.bias, self.eps)
-        moved = out.movedim(-1, 1)
-        if fmt is torch.contiguous_format or not moved.requires_grad:
-            return moved.contiguous(memory_format=fmt)  # a copy, or a view with no autograd
-        # channels_last under autograd: ``moved`` is a view of ``out``, and an in-place op after
-        # this layer (resnet's ReLU(inplace=True)) would make autograd replay it through copies
-        # (benchmarks/NOTES.md). A fresh tensor costs one copy forward and none backward.
-        return moved.clone(memory_format=fmt)
+        return per_position(x, lambda t: F.layer_norm(t, shape, self.weight, self.bias, self.eps))

@@ -1,9 +1,11 @@
-"""normswap: replace BatchNorm in any PyTorch model with the normalization you need.
+"""normswap: turn the normalizations of any PyTorch model into the ones you need.
 
 The flow is spec → plan → surgery → report: :func:`swap` plans every replacement (what each
-BatchNorm becomes, or why it stays), refuses the whole swap with one error if any step is
-invalid, then executes the plan. Each target norm is a *family* (:mod:`normswap.families`):
-its spec, target, calibration fitter and monitor family in one module.
+source norm becomes, or why it stays), refuses the whole swap with one error if any step is
+invalid, then executes the plan. Sources are BatchNorm by default; ``replace=`` selects other
+kinds (LayerNorm, GroupNorm, InstanceNorm, RMSNorm, ...; :data:`SOURCE_KINDS`). Each target norm
+is a *family* (:mod:`normswap.families`): its spec, target, calibration fitter and monitor
+family in one module.
 
 Example:
     >>> import torchvision
@@ -38,11 +40,14 @@ from normswap.families import (
 )
 from normswap.families.adalin import AdaLINSpec
 from normswap.families.adaln import AdaLNSpec
+from normswap.families.derf import DerfSpec
+from normswap.families.dyt import DyTSpec
 from normswap.families.frozen import FrozenSpec
 from normswap.families.gn import GroupNormSpec
 from normswap.families.instance import InstanceNormSpec
 from normswap.families.ln import LayerNormSpec
 from normswap.families.ln2d import LayerNorm2dSpec
+from normswap.families.rms import RMSNormSpec
 from normswap.families.wn import WeightNormSpec
 from normswap.families.ws_gn import WSGroupNormSpec
 from normswap.finalize import FinalizeReport, finalize, register_finalizer
@@ -59,11 +64,14 @@ from normswap.norms import (
     AdaLN,
     BlendNorm,
     Conditioned,
+    Derf,
+    DyT,
     FrozenAffine,
     GroupNorm,
     InstanceNorm,
     LayerNorm,
     LayerNorm2d,
+    RMSNorm,
     WeightStandardization,
     condition,
     resolve_groups,
@@ -92,13 +100,22 @@ from normswap.progressive import (
 )
 from normswap.record import restore, surgery_record
 from normswap.report import SwapRecord, SwapReport
-from normswap.sources import SourceNorm, describe_source, is_source_norm, register_source
+from normswap.sources import (
+    SOURCE_KINDS,
+    SourceNorm,
+    describe_source,
+    is_source_norm,
+    register_source,
+    register_source_kind,
+    source_kind,
+)
 from normswap.specs import NormSpec, get_spec, list_norms, spec_from_dict
 from normswap.surgery import apply, fold_bn, swap
 
 __version__ = "0.2.0"
 
 __all__ = [
+    "SOURCE_KINDS",
     "AdaLIN",
     "AdaLINSpec",
     "AdaLN",
@@ -112,7 +129,11 @@ __all__ = [
     "Conditioned",
     "ConversionResult",
     "Decision",
+    "Derf",
+    "DerfSpec",
     "DistillReport",
+    "DyT",
+    "DyTSpec",
     "Family",
     "Fidelity",
     "FinalizeReport",
@@ -136,6 +157,8 @@ __all__ = [
     "NormSwapError",
     "Plan",
     "PlanContext",
+    "RMSNorm",
+    "RMSNormSpec",
     "SourceNorm",
     "SpecError",
     "SwapError",
@@ -179,10 +202,12 @@ __all__ = [
     "register_monitor_family",
     "register_monitor_rule",
     "register_source",
+    "register_source_kind",
     "resolve_groups",
     "restore",
     "set_blend",
     "set_kernel_dispatch",
+    "source_kind",
     "spec_from_dict",
     "standardize_weight",
     "statistics_gap",

@@ -5,10 +5,12 @@ layer that a plain ``torch.nn`` module computes exactly — weight norm and weig
 standardization baked into ordinary weights, normswap's ``GroupNorm``, the GN paper's
 ``LayerNorm`` and ``InstanceNorm`` without running statistics as :class:`torch.nn.GroupNorm`,
 ``frozen`` as an eval-mode :class:`torch.nn.BatchNorm2d` (1d/3d) whose statistics are the
-identity — and reports what it kept and why (AdaLN needs its condition as an input, LayerNorm2d
-normalizes over channels at each position, which no plain module does for ``(N, C, H, W)``
-input, ...). The result scripts, traces, exports and pickles like a torchvision model, and
-where every layer is plain it needs nothing but torch.
+identity, a channels-last ``LayerNorm2d`` as :class:`torch.nn.LayerNorm` and a channels-last
+``RMSNorm`` without bias as :class:`torch.nn.RMSNorm` — and reports what it kept and why (AdaLN
+needs its condition as an input, LayerNorm2d normalizes over channels at each position, which no
+plain module does for ``(N, C, H, W)`` input, DyT has no plain module, ...). The result scripts,
+traces, exports and pickles like a torchvision model, and where every layer is plain it needs
+nothing but torch.
 
 How to finalize a class is a registry (:data:`FINALIZERS`, looked up along the class
 hierarchy): :func:`register_finalizer` adds one for a custom layer.
@@ -30,12 +32,15 @@ from normswap.norms import (
     AdaLIN,
     AdaLN,
     BlendNorm,
+    Derf,
+    DyT,
     FrozenAffine,
     GroupNorm,
     InstanceNorm,
     LayerNorm,
     LayerNorm2d,
     NormThen,
+    RMSNorm,
     WeightStandardization,
 )
 from normswap.norms.reparam import remove_parametrizations
@@ -137,8 +142,17 @@ def _share_affine(new: nn.Module, old: nn.Module) -> nn.Module:
     return new.train(old.training)
 
 
+#: Why a channels-last layer whose statistics span positions stays as it is.
+_CHANNELS_LAST = (
+    "channels last ((N, *S, C) input): torch's GroupNorm/InstanceNorm take channels in dim 1 "
+    "(it exports and scripts as it is)"
+)
+
+
 def _group(groups: Callable[[nn.Module], int]) -> Finalizer:
-    def make(module: nn.Module) -> nn.Module:
+    def make(module: nn.Module) -> nn.Module | str:
+        if getattr(module, "channels_last", False):
+            return _CHANNELS_LAST
         new = nn.GroupNorm(
             groups(module),
             module.num_channels,
@@ -152,6 +166,8 @@ def _group(groups: Callable[[nn.Module], int]) -> Finalizer:
 
 
 def _instance(module: nn.Module) -> nn.Module | str:
+    if module.channels_last:
+        return _CHANNELS_LAST
     if module.track_running_stats:
         return (
             "InstanceNorm with running statistics: torch's InstanceNormNd computes it only "
@@ -182,17 +198,41 @@ def _kept(reason: str) -> Finalizer:
     return lambda module: reason
 
 
+def _layer_norm_2d(module: nn.Module) -> nn.Module | str:
+    if not module.channels_last:
+        return (
+            "LayerNorm2d normalizes over channels at each position; no plain torch module does "
+            "that for (N, C, *S) input (it exports and scripts as it is)"
+        )
+    new = nn.LayerNorm(module.num_channels, eps=module.eps, elementwise_affine=module.affine)
+    return _share_affine(new, module)
+
+
+def _rms(module: nn.Module) -> nn.Module | str:
+    if module.bias is not None:
+        return "an RMSNorm with a bias (a LayerNorm's β kept there): torch's RMSNorm has none"
+    if not module.channels_last:
+        return (
+            "RMSNorm over the channels in dim 1 at each position: torch's RMSNorm normalizes the "
+            "last dims (it exports and scripts as it is)"
+        )
+    new = nn.RMSNorm(module.num_channels, eps=module.eps, elementwise_affine=module.affine)
+    if module.weight is not None:
+        new.weight = module.weight
+    return new.train(module.training)
+
+
 register_finalizer(GroupNorm, _group(lambda m: m.num_groups))
 register_finalizer(LayerNorm, _group(lambda m: 1))
 register_finalizer(InstanceNorm, _instance)
 register_finalizer(FrozenAffine, _frozen)
-register_finalizer(
-    LayerNorm2d,
-    _kept(
-        "LayerNorm2d normalizes over channels at each position; no plain torch module does "
-        "that for (N, C, *S) input (it exports and scripts as it is)"
-    ),
-)
+register_finalizer(LayerNorm2d, _layer_norm_2d)
+register_finalizer(RMSNorm, _rms)
+for _pointwise in (DyT, Derf):
+    register_finalizer(
+        _pointwise,
+        _kept(f"{_pointwise.__name__} has no plain torch module (it exports and scripts as it is)"),
+    )
 register_finalizer(AdaLIN, _kept("AdaLIN mixes instance and layer statistics (learned rho)"))
 register_finalizer(
     AdaLN,

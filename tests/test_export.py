@@ -62,9 +62,16 @@ def test_trace_export_and_onnx_torchscript_exporter(kind: str, name: str) -> Non
     # The exported graph holds the plain norm ops, not the eager kernel dispatch.
     ops = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
     norm_ops = {"group_norm", "layer_norm", "batch_norm", "native_group_norm", "instance_norm"}
+    norm_ops |= {"rms_norm", "tanh", "erf"}  # RMSNorm; DyT and Derf have no statistics
     if name not in ("wn",):
         assert any(any(op in o for op in norm_ops) for o in ops) or name == "frozen", ops
     buf = io.BytesIO()
+    if name == "rms":
+        # As for torch.nn.RMSNorm: the TorchScript exporter has no ONNX op for aten::rms_norm
+        # (the README's export table says so); the dynamo exporter is tested below.
+        with pytest.raises(torch.onnx.errors.UnsupportedOperatorError, match="rms_norm"):
+            torch.onnx.export(model, args, buf, dynamo=False)
+        return
     torch.onnx.export(model, args, buf, dynamo=False)
     session = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
     feeds = {i.name: a.numpy() for i, a in zip(session.get_inputs(), args, strict=True)}

@@ -88,10 +88,12 @@ class NormMonitor(Callback):
     ``bn``      ``bn_mean_gap bn_var_gap`` (layers with running statistics)
     ``adalin``  ``rho``
     ``adaln``   ``mod_shift mod_scale``, ``mod_gate`` for ``gate=True``
+    ``dyt``     ``alpha saturated`` (the fraction of inputs where tanh saturates)
+    ``derf``    ``alpha saturated``
     ``wn``      ``g_mean v_norm``
     =========== ==============================================================================
 
-    Families: ``bn gn ln ln2d in adalin adaln wn rms`` and any added with
+    Families: ``bn gn ln ln2d in adalin adaln dyt derf rms wn`` and any added with
     :func:`normswap.register_monitor_family` (norm families register theirs). For example, a
     model with BatchNorms and one weight-normalized conv logs exactly ``NormMonitor/bn/{in_mean,
     in_std, bn_mean_gap, bn_var_gap, out_mean, out_std, gamma_mean, gamma_std, beta_mean,

@@ -7,7 +7,20 @@ module here (imported below) and one ``conf/norm/<name>.yaml``.
 
 from __future__ import annotations
 
-from normswap.families import adalin, adaln, frozen, gn, instance, ln, ln2d, wn, ws_gn
+from normswap.families import (
+    adalin,
+    adaln,
+    derf,
+    dyt,
+    frozen,
+    gn,
+    instance,
+    ln,
+    ln2d,
+    rms,
+    wn,
+    ws_gn,
+)
 from normswap.families.base import (
     FAMILIES,
     Decision,
@@ -32,6 +45,8 @@ __all__ = [
     "Target",
     "adalin",
     "adaln",
+    "derf",
+    "dyt",
     "family_layers",
     "frozen",
     "get_family",
@@ -40,6 +55,7 @@ __all__ = [
     "ln",
     "ln2d",
     "register_family",
+    "rms",
     "unregister_family",
     "wn",
     "ws_gn",

@@ -51,7 +51,7 @@ class AdaLINTarget(ChannelNormTarget):
     """
 
     def __init__(self) -> None:
-        super().__init__(AdaLIN, "instance")
+        super().__init__(AdaLIN, "instance", channels_last=False)
 
     def extra_kwargs(self, src: SourceNorm, spec: NormSpec) -> dict[str, Any]:
         """``rho_init`` from the spec."""

@@ -63,7 +63,7 @@ class AdaLNTarget(ChannelNormTarget):
     """
 
     def __init__(self) -> None:
-        super().__init__(AdaLN, "layer")
+        super().__init__(AdaLN, "layer", channels_last=False)
 
     def extra_kwargs(self, src: SourceNorm, spec: NormSpec) -> dict[str, Any]:
         """``cond_dim``, ``hidden_dim`` and ``gate`` from the spec."""

@@ -31,7 +31,7 @@ from normswap.monitor.families import (
 )
 from normswap.pretrained.fitters import FITTERS, Fitter
 from normswap.registry import Registry
-from normswap.report import FOLD, REMOVE, REPLACE, SKIP, STANDARDIZE, WEIGHT_NORM
+from normswap.report import CENTER, FOLD, REMOVE, REPLACE, SKIP, STANDARDIZE, UNTIE, WEIGHT_NORM
 from normswap.sources import SourceNorm
 from normswap.specs import SPECS, NormSpec
 
@@ -39,12 +39,15 @@ if TYPE_CHECKING:
     from normswap.graph.facts import GraphFacts
 
 __all__ = [
+    "CENTER",
     "FAMILIES",
     "FOLD",
+    "PER_POSITION",
     "REMOVE",
     "REPLACE",
     "SKIP",
     "STANDARDIZE",
+    "UNTIE",
     "WEIGHT_NORM",
     "Decision",
     "Family",
@@ -53,8 +56,11 @@ __all__ = [
     "PlanContext",
     "Target",
     "carry_over",
+    "exact_note",
     "family_layers",
     "get_family",
+    "layout_kwargs",
+    "layout_problem",
     "new_eps",
     "new_requires_grad",
     "register_family",
@@ -74,6 +80,9 @@ class NormContext:
             ``None`` when not traced.
         model: the model being planned (to look producers up by path).
         owners: :func:`normswap.graph.rules.parameter_owners` of the model.
+        analysis: what the target's :meth:`Target.analyze` found for the whole model (``None``
+            when it analyzes nothing).
+        paths: every path of the norm (a shared module has several).
 
     Example:
         >>> NormContext("layer1.0.bn1", rank=4, spatial=64).rank
@@ -86,6 +95,8 @@ class NormContext:
     spatial: int | None = None
     model: nn.Module | None = None
     owners: Mapping[int, Mapping[int, str]] | None = None
+    analysis: Any = None
+    paths: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -96,6 +107,7 @@ class PlanContext:
         model: the model being planned.
         owners: :func:`normswap.graph.rules.parameter_owners` of the model.
         decisions: every planned norm, by canonical path: ``(source, decision)``.
+        analysis: what the target's :meth:`Target.analyze` found (``None`` when nothing).
 
     Example:
         >>> PlanContext(nn.Identity(), owners={}, decisions={}).decisions
@@ -105,6 +117,7 @@ class PlanContext:
     model: nn.Module
     owners: Mapping[int, Mapping[int, str]]
     decisions: Mapping[str, tuple[SourceNorm, Decision]]
+    analysis: Any = None
 
 
 @dataclass(frozen=True)
@@ -112,7 +125,8 @@ class Decision:
     """A target's decision for one source norm.
 
     Exactly one of: a valid action (``replace``/``fold``/``remove``/``skip``) or a
-    ``problem`` that makes the whole plan invalid.
+    ``problem`` that makes the whole plan invalid. ``args`` carries what the target's
+    :meth:`Target.build` needs beyond the fields (DyT's α for this layer).
 
     Example:
         >>> Decision("replace", "GroupNorm", groups=32, eps=1e-5).problem is None
@@ -127,11 +141,13 @@ class Decision:
     reason: str | None = None
     into: str | None = None
     problem: str | None = None
+    args: Any = None
 
 
 @dataclass(frozen=True)
 class LayerStep:
-    """A change to a non-norm layer (weight norm, standardization), or why it is skipped.
+    """A change to a non-norm layer (weight norm, standardization, centring), or why it is
+    skipped; ``args`` holds what its target needs to apply it (plain data).
 
     Example:
         >>> LayerStep(nn.Conv2d(3, 8, 3), ("conv1",), "weight_norm").kind
@@ -144,6 +160,7 @@ class LayerStep:
     reason: str | None = None
     note: str | None = None
     kind: str = ""
+    args: Any = None
 
     def __post_init__(self) -> None:
         if not self.kind:  # the class name before any parametrization renames it
@@ -184,6 +201,27 @@ class Target:
     def needs_eval_mode(self, spec: NormSpec) -> bool:
         """Whether the model must be in eval mode for the swap (folding reads running stats)."""
         return False
+
+    def analyze(
+        self,
+        model: nn.Module,
+        norms: list[tuple[SourceNorm, tuple[str, ...]]],
+        spec: NormSpec,
+        example_inputs: Any,
+    ) -> Any:
+        """Study the whole model once before the per-norm decisions (exact rewrites that span
+        many layers need it); the result reaches :meth:`decide` and :meth:`plan_layers` as
+        ``ctx.analysis``. Raise :class:`~normswap.errors.NormSwapError` to refuse the plan."""
+        return None
+
+    def layer_writes(self, step: LayerStep, spec: NormSpec) -> list[torch.Tensor]:
+        """The existing tensors :meth:`apply_layer` overwrites in place for ``step`` (so that a
+        failed apply can put their values back)."""
+        return []
+
+    def check_applied(self, model: nn.Module, plan: Any) -> None:
+        """After every step ran: verify what the plan promised (an exact rewrite computes what
+        the model computed); raise to have the whole swap rolled back."""
 
     def plan_layers(
         self, modules: list[tuple[nn.Module, tuple[str, ...]]], spec: NormSpec, ctx: PlanContext
@@ -413,9 +451,96 @@ def _as_parameter(t: torch.Tensor, requires_grad: bool) -> nn.Parameter:
     return nn.Parameter(t.detach(), requires_grad=requires_grad)
 
 
+#: The per-position targets a message suggests where statistics must not span positions.
+PER_POSITION = "'ln2d', 'rms', 'dyt' or 'derf'"
+
+
+def layout_problem(
+    layer: str,
+    src: SourceNorm,
+    ctx: NormContext,
+    *,
+    spans_positions: bool,
+    channels_last_ok: bool = True,
+) -> str | None:
+    """Why a ``layer`` cannot stand where ``src`` is, from the layout of what it normalizes.
+
+    The one rule every target asks: the new layer needs one channel axis with one γ/β per
+    channel (an ``nn.LayerNorm((C, H, W))`` with an elementwise affine has none); a layer that
+    supports channels-first maps only cannot take a channels-last norm; and a layer whose
+    statistics span the positions (GroupNorm, InstanceNorm, the GN paper's LayerNorm) cannot
+    replace a channels-last norm of a ``(N, L, C)`` token sequence, where it would mix the
+    tokens (a causal model would see later ones), nor one whose input rank is unknown (a
+    ``(N, H, W, C)`` map is fine; pass ``example_inputs`` to tell them apart).
+
+    Example:
+        >>> from normswap.sources import describe_source
+        >>> ln = describe_source(nn.LayerNorm(8))
+        >>> layout_problem("GroupNorm", ln, NormContext("norm", 3), spans_positions=True)[:60]
+        'LayerNorm normalizes each token of a (N, L, C) sequence: Gro'
+        >>> layout_problem("GroupNorm", ln, NormContext("norm", 4), spans_positions=True) is None
+        True
+    """
+    if not src.per_channel:
+        return (
+            f"{src.kind} normalizes the trailing dims {src.normalized_shape} with an elementwise "
+            f"affine; {layer} has one γ/β per channel: exclude it"
+        )
+    if not src.channels_last:
+        return None
+    if not channels_last_ok:
+        return (
+            f"{src.kind} normalizes channels in the last dim; {layer} normalizes channels-first "
+            f"(N, C, *S) maps only: exclude it or use {PER_POSITION}"
+        )
+    if spans_positions and ctx.rank is None:
+        return (
+            f"{src.kind} normalizes channels in the last dim and its input rank is unknown: pass "
+            f"example_inputs so the plan can tell a (N, H, W, C) map, where {layer} is defined, "
+            f"from a (N, L, C) token sequence, where it is not; or use {PER_POSITION}"
+        )
+    if spans_positions and ctx.rank == 3:
+        return (
+            f"{src.kind} normalizes each token of a (N, L, C) sequence: {layer} would normalize "
+            "over the tokens together (a causal model would see later tokens); exclude it or "
+            f"use a per-token norm: {PER_POSITION}"
+        )
+    return None
+
+
+def exact_note(
+    src: SourceNorm, over: str, *, groups: int | None = None, center: bool = True
+) -> str | None:
+    """``"exact: ..."`` when the new layer computes the source's very statistics (a rename:
+    GroupNorm(1) ↔ the GN paper's LayerNorm, GroupNorm(C) ↔ InstanceNorm, ``nn.LayerNorm`` ↔
+    channels-last ``ln2d``), else ``None``.
+
+    Example:
+        >>> from normswap.sources import describe_source
+        >>> exact_note(describe_source(nn.GroupNorm(1, 4)), "groups", groups=1)
+        'exact: the same statistics as the source (a rename)'
+    """
+    same = src.over == over and src.center == center and not src.has_statistics
+    if over == "groups":
+        same = same and src.groups == groups
+    return "exact: the same statistics as the source (a rename)" if same else None
+
+
+def layout_kwargs(src: SourceNorm) -> dict[str, Any]:
+    """``channels_last=True`` for a channels-last source (the new layer keeps its layout).
+
+    Example:
+        >>> from normswap.sources import describe_source
+        >>> [layout_kwargs(describe_source(m)) for m in (nn.LayerNorm(4), nn.BatchNorm2d(4))]
+        [{'channels_last': True}, {}]
+    """
+    return {"channels_last": True} if src.channels_last else {}
+
+
 def carry_over(src: SourceNorm, new: nn.Module, spec: NormSpec) -> nn.Module:
     """Move γ/β into ``new`` and copy the training flag and ``requires_grad``.
 
+    A source without β (RMSNorm, ``LayerNorm(bias=False)``) leaves the new layer's zero β.
     γ/β are moved, not copied: the new module holds the same Parameter objects (for
     FrozenBatchNorm2d, Parameters sharing the buffers' storage), so nothing is allocated
     and an optimizer built before the swap still holds them.
@@ -430,7 +555,8 @@ def carry_over(src: SourceNorm, new: nn.Module, spec: NormSpec) -> nn.Module:
     grad = new_requires_grad(src, spec)
     if src.weight is not None and getattr(new, "weight", None) is not None:
         new.weight = _as_parameter(src.weight, grad)
-        new.bias = _as_parameter(src.bias, grad)
+        if src.bias is not None and getattr(new, "bias", None) is not None:
+            new.bias = _as_parameter(src.bias, grad)  # else the new layer's zero β
     for p in new.parameters():
         p.requires_grad_(grad)
     new.train(src.training)

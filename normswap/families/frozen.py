@@ -58,6 +58,16 @@ class FrozenTarget(Target):
 
     def decide(self, src: SourceNorm, spec: NormSpec, ctx: NormContext) -> Decision:
         """Freeze ``src``, or refuse one without running statistics."""
+        if src.over != "batch":
+            return Decision(
+                REPLACE,
+                "FrozenAffine",
+                problem=(
+                    f"{src.kind} normalizes each sample with its own statistics, which no fixed "
+                    "affine reproduces; 'frozen' freezes a BatchNorm's running statistics: "
+                    "exclude it, or choose another target"
+                ),
+            )
         if not src.has_statistics:
             return Decision(
                 REPLACE,

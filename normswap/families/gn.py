@@ -1,4 +1,4 @@
-"""The ``gn`` family: BatchNorm → :class:`normswap.GroupNorm` (Wu & He, 2018).
+"""The ``gn`` family: a norm → :class:`normswap.GroupNorm` (Wu & He, 2018).
 
 Its spec, its target (a per-layer group decision), its fitter (per-channel γ/β) and its monitor
 family (``gn``, also for ``torch.nn.GroupNorm``).
@@ -19,7 +19,10 @@ from normswap.families.base import (
     NormContext,
     Target,
     carry_over,
+    exact_note,
     factory,
+    layout_kwargs,
+    layout_problem,
     new_eps,
     register_family,
 )
@@ -63,7 +66,7 @@ class GroupNormSpec(NormSpec):
 
 
 class GroupNormTarget(Target):
-    """BatchNorm → :class:`normswap.GroupNorm` with a per-layer group decision.
+    """A norm → :class:`normswap.GroupNorm` with a per-layer group decision.
 
     Example:
         >>> from normswap.sources import describe_source
@@ -76,6 +79,9 @@ class GroupNormTarget(Target):
     def decide(self, src: SourceNorm, spec: NormSpec, ctx: NormContext) -> Decision:
         """Pick the group count for ``src``'s channels, or say why none fits."""
         assert isinstance(spec, GroupNormSpec)
+        problem = layout_problem("GroupNorm", src, ctx, spans_positions=True)
+        if problem:
+            return Decision(REPLACE, "GroupNorm", problem=problem)
         try:
             groups, note = resolve_groups(
                 src.num_channels, spec.num_groups, spec.group_size, spec.policy
@@ -87,12 +93,20 @@ class GroupNormTarget(Target):
         )
         if problem:
             return Decision(REPLACE, "GroupNorm", problem=f"{problem} (or fewer groups)")
+        note = "; ".join(filter(None, [note, exact_note(src, "groups", groups=groups)])) or None
         return Decision(REPLACE, "GroupNorm", groups=groups, eps=new_eps(src, spec), note=note)
 
     def build(self, src: SourceNorm, spec: NormSpec, decision: Decision) -> nn.Module:
         """A :class:`normswap.GroupNorm` holding ``src``'s γ/β."""
         assert decision.groups is not None and decision.eps is not None
-        new = GroupNorm(src.num_channels, decision.groups, decision.eps, src.affine, **factory(src))
+        new = GroupNorm(
+            src.num_channels,
+            decision.groups,
+            decision.eps,
+            src.affine,
+            **factory(src),
+            **layout_kwargs(src),
+        )
         return carry_over(src, new, spec)
 
 

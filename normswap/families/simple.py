@@ -1,5 +1,5 @@
-"""A target for layers built as ``Layer(C, eps=, affine=, device=, dtype=)``: shared by the
-``ln``, ``ln2d``, ``in``, ``adalin`` and ``adaln`` families."""
+"""A target for layers built as ``Layer(C, eps=, affine=, device=, dtype=[, channels_last=])``:
+shared by the ``ln``, ``ln2d``, ``in``, ``adalin`` and ``adaln`` families."""
 
 from __future__ import annotations
 
@@ -13,7 +13,10 @@ from normswap.families.base import (
     NormContext,
     Target,
     carry_over,
+    exact_note,
     factory,
+    layout_kwargs,
+    layout_problem,
     new_eps,
 )
 from normswap.graph.rules import statistics_problem
@@ -29,7 +32,9 @@ class ChannelNormTarget(Target):
 
     ``statistics`` says what they span: ``"instance"`` the positions of one channel (IN,
     AdaLIN), ``"layer"`` every channel and position (LN, AdaLN), ``"channels"`` every channel at
-    one position (LayerNorm2d).
+    one position (LayerNorm2d). ``channels_last`` says whether the layer also takes channels-last
+    input (``channels_last=True``), so that it can replace an ``nn.LayerNorm`` of a
+    channels-last map.
 
     Example:
         >>> from normswap.sources import describe_source
@@ -41,15 +46,31 @@ class ChannelNormTarget(Target):
     """
 
     def __init__(
-        self, layer: type[nn.Module], statistics: Literal["instance", "layer", "channels"]
+        self,
+        layer: type[nn.Module],
+        statistics: Literal["instance", "layer", "channels"],
+        *,
+        channels_last: bool = True,
     ) -> None:
         self.layer = layer
         self.statistics = statistics
+        self.channels_last = channels_last
 
     def decide(self, src: SourceNorm, spec: NormSpec, ctx: NormContext) -> Decision:
-        """Replace ``src`` (keeping its eps unless the spec sets one), or refuse a rank."""
+        """Replace ``src`` (keeping its eps unless the spec sets one), or refuse a layout or a
+        rank where the layer is not defined."""
+        name = self.layer.__name__
+        problem = layout_problem(
+            name,
+            src,
+            ctx,
+            spans_positions=self.statistics != "channels",
+            channels_last_ok=self.channels_last,
+        )
+        if problem:
+            return Decision(REPLACE, name, problem=problem)
         problem, note = statistics_problem(
-            self.layer.__name__,
+            name,
             src,
             ctx.rank,
             ctx.spatial,
@@ -57,8 +78,14 @@ class ChannelNormTarget(Target):
             positions=self.statistics != "channels",
         )
         if problem:
-            return Decision(REPLACE, self.layer.__name__, problem=problem)
-        return Decision(REPLACE, self.layer.__name__, eps=new_eps(src, spec), note=note)
+            return Decision(REPLACE, name, problem=problem)
+        exact = {
+            "instance": lambda: exact_note(src, "groups", groups=src.num_channels),
+            "layer": lambda: exact_note(src, "groups", groups=1),
+            "channels": lambda: exact_note(src, "channels"),
+        }[self.statistics]()
+        note = "; ".join(filter(None, [note, exact])) or None
+        return Decision(REPLACE, name, eps=new_eps(src, spec), note=note)
 
     def extra_kwargs(self, src: SourceNorm, spec: NormSpec) -> dict[str, Any]:
         """Constructor arguments beyond ``(C, eps, affine)`` taken from the spec."""
@@ -72,5 +99,6 @@ class ChannelNormTarget(Target):
             affine=src.affine,
             **self.extra_kwargs(src, spec),
             **factory(src),
+            **layout_kwargs(src),
         )
         return carry_over(src, new, spec)

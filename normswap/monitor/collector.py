@@ -20,15 +20,17 @@ from normswap.monitor.stats import (
     OUT_START,
     PARAM_START,
     PARAM_STATS,
+    SATURATED,
     STATS,
     batchnorm_input_stats,
     grouped_grad_norms,
     modulation_magnitude,
     moments,
+    saturation,
     segment_mean_std,
 )
-from normswap.norms import AdaLIN, AdaLN
-from normswap.sources import is_source_norm
+from normswap.norms import AdaLIN, AdaLN, PointwiseNorm
+from normswap.sources import source_kind
 
 __all__ = ["LayerTable", "NormStatsCollector", "family_summary", "unpack"]
 
@@ -67,8 +69,9 @@ class LayerTable:
         """``(L, len(HISTORY_COLUMNS))``: the values with ``calls`` as the last column.
 
         Example:
-            >>> unpack(torch.zeros(2 * len(STATS) + 1), num_layers=1).history_row().shape
-            torch.Size([1, 18])
+            >>> row = unpack(torch.zeros(2 * len(STATS) + 1), num_layers=1).history_row()
+            >>> row.shape == (1, len(STATS) + 1)
+            True
         """
         return torch.cat([self.values, self.calls[:, None]], dim=1)
 
@@ -253,13 +256,16 @@ class NormStatsCollector:
             if (
                 isinstance(running_mean, Tensor)
                 and isinstance(running_var, Tensor)
-                and is_source_norm(module)
+                and source_kind(module) == "bn"
                 and x.dim() >= 2
             ):
                 stats = batchnorm_input_stats(x, running_mean, running_var, float(module.eps))
             else:
                 stats = moments(x)
             self._add(row, IN_START, stats)
+            if isinstance(module, PointwiseNorm):
+                shift = getattr(module, "shift", None)
+                self._add(row, SATURATED, saturation(x, module.alpha, shift))
 
         return hook
 
@@ -315,7 +321,7 @@ class NormStatsCollector:
         if self._sums is None:
             raise RuntimeError("NormStatsCollector.record_parameters() before reset(device)")
         device = self._sums.device
-        gammas, betas, rhos, gs, vnorms = [], [], [], [], []
+        gammas, betas, rhos, alphas, gs, vnorms = [], [], [], [], [], []
         grads: list[Tensor] = []
         grad_rows: list[int] = []
         has: list[set[str]] = [set() for _ in self.layers]
@@ -342,6 +348,9 @@ class NormStatsCollector:
             if isinstance(module, AdaLIN):
                 rhos.append((row, module.rho.detach().clamp(0, 1)))
                 has[row].add("rho")
+            if isinstance(module, PointwiseNorm):
+                alphas.append((row, module.alpha.detach()))
+                has[row].add("alpha")
             for p in module.parameters():
                 if p.grad is not None and p.grad.layout == torch.strided:
                     grads.append(p.grad)
@@ -354,6 +363,7 @@ class NormStatsCollector:
             (("gamma_mean", "gamma_std"), gammas, "gamma"),
             (("beta_mean", "beta_std"), betas, "beta"),
             (("rho", None), rhos, "rho"),
+            (("alpha", None), alphas, "alpha"),
             (("g_mean", None), gs, "g"),
             (("v_norm", None), vnorms, "v"),
         ):

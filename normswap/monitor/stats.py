@@ -20,11 +20,15 @@ layer's device, never read back to the host here):
 ``mod_shift``   AdaLN: mean ``|shift(c)|`` of the modulation output for the current condition
 ``mod_scale``   AdaLN: mean ``|scale(c)|``
 ``mod_gate``    AdaLN with ``gate=True``: mean ``|gate(c)|``
+``saturated``   DyT / Derf: the fraction of inputs where the S-curve saturates, ``|α·x (+ s)| > 2``
+                (tanh and erf are within 4% and 0.5% of ±1 there: those inputs pass almost no
+                gradient; the failure reported for DyT at scale)
 ``gamma_mean``  mean of γ (the layer's ``weight``; FrozenBatchNorm2d's buffer too)
 ``gamma_std``   standard deviation (biased) of γ
 ``beta_mean``   mean of β (the layer's ``bias``)
 ``beta_std``    standard deviation (biased) of β
 ``rho``         AdaLIN: mean of ``clamp(ρ, 0, 1)`` (what the forward uses)
+``alpha``       DyT / Derf: the scalar α
 ``g_mean``      weight norm: mean of ``g`` (``parametrizations.weight.original0``)
 ``v_norm``      weight norm: mean over output channels of ``‖v‖`` (``original1``)
 ``grad_norm``   L2 norm of the gradients of all the layer's parameters (γ, β, ρ, AdaLN's
@@ -54,11 +58,13 @@ __all__ = [
     "OUT_START",
     "PARAM_START",
     "PARAM_STATS",
+    "SATURATED",
     "STATS",
     "batchnorm_input_stats",
     "grouped_grad_norms",
     "modulation_magnitude",
     "moments",
+    "saturation",
     "segment_mean_std",
 ]
 
@@ -73,11 +79,13 @@ STATS: tuple[str, ...] = (
     "mod_shift",
     "mod_scale",
     "mod_gate",
+    "saturated",
     "gamma_mean",
     "gamma_std",
     "beta_mean",
     "beta_std",
     "rho",
+    "alpha",
     "g_mean",
     "v_norm",
     "grad_norm",
@@ -90,6 +98,7 @@ COLUMN = {name: i for i, name in enumerate(STATS)}
 IN_START = COLUMN["in_mean"]  # in_mean, in_std[, bn_mean_gap, bn_var_gap]
 OUT_START = COLUMN["out_mean"]  # out_mean, out_std
 MOD_START = COLUMN["mod_shift"]  # mod_shift, mod_scale[, mod_gate]
+SATURATED = COLUMN["saturated"]
 PARAM_START = COLUMN["gamma_mean"]  # gamma_mean ... grad_norm, the parameter block
 PARAM_STATS = STATS[PARAM_START:]
 
@@ -170,6 +179,20 @@ def batchnorm_input_stats(
     mean_gap = ((mean_c - running_mean.detach().to(mean_c.dtype)).abs() * ref_var.rsqrt()).mean()
     var_gap = ((var_c + eps) / ref_var).log().abs().mean()
     return torch.stack((mean, var.sqrt(), mean_gap, var_gap)).float()
+
+
+def saturation(x: Tensor, alpha: Tensor, shift: Tensor | None = None) -> Tensor:
+    """The fraction of elements where ``|α·x (+ s)| > 2``: a DyT's tanh (a Derf's erf) is
+    saturated there.
+
+    Example:
+        >>> saturation(torch.tensor([0.5, 3.0, -5.0, 1.0]), torch.tensor([1.0]))
+        tensor([0.5000])
+    """
+    z = _floating(x) * alpha.detach().float()
+    if shift is not None:
+        z = z + shift.detach().float()
+    return z.abs().gt(2).float().mean().reshape(1)
 
 
 def modulation_magnitude(params: Tensor, chunks: int) -> Tensor:

@@ -61,7 +61,7 @@ from normswap.inputs import (
     model_device,
 )
 from normswap.modes import eval_mode
-from normswap.pretrained.fitters import Fitter, find_fitter
+from normswap.pretrained.fitters import Fitter, assigned, find_fitter
 from normswap.pretrained.lstsq import Sums
 from normswap.pretrained.structure import converted_layers, unwrap
 from normswap.sources import describe_source
@@ -202,6 +202,17 @@ def check_runs(model: nn.Module, inputs: Any, who: str, what: str = "calibration
         ) from err
 
 
+def _channels_first(t: Tensor, dim: int) -> Tensor:
+    """``t`` with its channel dim ``dim`` moved to dim 1 (where the sums keep channels)."""
+    return t if dim == 1 or t.dim() < 2 else t.movedim(dim, 1)
+
+
+def _param(module: nn.Module, name: str) -> Tensor:
+    for part in name.split("."):
+        module = getattr(module, part)
+    return module  # type: ignore[return-value]
+
+
 def _after(norm: nn.Module) -> list[nn.Module]:
     """The modules a reference norm applies after normalizing (timm's drop, act), if any."""
     try:
@@ -325,7 +336,9 @@ def calibrate(
         # Both models must run on the data before anything changes.
         check_runs(reference, first, "reference")
         check_runs(model, first, "converted model")
-        sums: dict[str, Sums] = {}
+        sums: dict[tuple[str, int], Sums] = {}  # (path, candidate) -> sums
+        candidates: dict[str, list[dict[str, Tensor]]] = {}
+        chosen: dict[str, int] = {}
         targets: dict[str, list[Tensor]] = {}
         calls: dict[str, int] = {}
         initial = {p: fitters[p].coefficients(layer) for p, layer in layers.items()}
@@ -359,12 +372,32 @@ def calibrate(
                         "the two models do not compute the same graph"
                     )
                 x = args[0]
-                offset, basis = fitter.basis(module, x)
-                if path not in sums:
-                    sums[path] = Sums(x.shape[1], len(basis), x.device)
-                sums[path].add(offset, basis, targets[path][index])
-                s = sums[path]
-                coef = s.solve(match)
+                dim = fitter.channel_dim(module)
+                target = _channels_first(targets[path][index], dim)
+                # One least-squares fit per setting of the non-linear scalars (DyT's α); the
+                # setting whose fit leaves the least error wins, and is what the layer keeps.
+                if path not in candidates:
+                    candidates[path] = fitter.candidates(module)
+                best = None
+                for i, values in enumerate(candidates[path]):
+                    with assigned(module, values):
+                        offset, basis = fitter.basis(module, x)
+                    offset = None if offset is None else _channels_first(offset, dim)
+                    basis = [None if a is None else _channels_first(a, dim) for a in basis]
+                    if (path, i) not in sums:
+                        sums[(path, i)] = Sums(target.shape[1], len(basis), x.device)
+                    s = sums[(path, i)]
+                    s.add(offset, basis, target)
+                    coef = s.solve(match)
+                    error = s.relative_error(coef)
+                    if best is None or error < best[0]:
+                        best = (error, i, coef)
+                assert best is not None
+                _, chosen[path], coef = best
+                s = sums[(path, chosen[path])]
+                with torch.no_grad():
+                    for name, value in candidates[path][chosen[path]].items():
+                        _param(module, name).copy_(value)
                 fitter.assign(module, coef.to(x.dtype), s.gram, s.rhs)
 
             return hook
@@ -416,8 +449,8 @@ def calibrate(
     fits = []
     for path, layer in layers.items():
         fitter = fitters[path]
-        s = sums.get(path)
-        if s is None:
+        s, s0 = sums.get((path, chosen.get(path, 0))), sums.get((path, 0))
+        if s is None or s0 is None:
             skipped.append((path, "did not run on the calibration data"))
             continue
         fits.append(
@@ -425,7 +458,7 @@ def calibrate(
                 path=path,
                 kind=type(layer).__name__,
                 params=fitter.params,
-                error_before=s.relative_error(initial[path]),
+                error_before=s0.relative_error(initial[path]),
                 error_after=s.relative_error(fitter.coefficients(layer)),
                 calls=s.calls,
             )

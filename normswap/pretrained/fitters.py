@@ -8,7 +8,9 @@ base class, the generic :class:`AffineFitter` and the registry.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+import itertools
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +22,8 @@ __all__ = [
     "FITTERS",
     "AffineFitter",
     "Fitter",
+    "ScalarGridFitter",
+    "assigned",
     "evaluate_with",
     "find_fitter",
     "layer_affine",
@@ -51,6 +55,27 @@ class Fitter:
         """Return ``(offset or None, [basis_1, ..., basis_K])`` for input ``x``."""
         raise NotImplementedError
 
+    def candidates(self, module: nn.Module) -> list[dict[str, Tensor]]:
+        """Values of the layer's non-linear scalar parameters to try (a grid): calibration
+        fits the linear coefficients under each and keeps the setting whose fit leaves the least
+        error (DyT's α). The first is the layer's current setting. Default: nothing to search.
+
+        Example:
+            >>> AffineFitter().candidates(nn.GroupNorm(2, 4))
+            [{}]
+        """
+        return [{}]
+
+    def channel_dim(self, module: nn.Module) -> int:
+        """The dim of the layer's output that indexes its channels (the coefficients' rows):
+        1, or -1 for a channels-last layer.
+
+        Example:
+            >>> AffineFitter().channel_dim(nn.GroupNorm(2, 4))
+            1
+        """
+        return -1 if getattr(module, "channels_last", False) else 1
+
     def coefficients(self, module: nn.Module) -> Tensor:
         """The module's current parameters as ``coef`` of shape ``(C, K)``."""
         raise NotImplementedError
@@ -64,6 +89,38 @@ class Fitter:
         raise NotImplementedError
 
 
+@contextlib.contextmanager
+def assigned(module: nn.Module, values: Mapping[str, Tensor]) -> Iterator[None]:
+    """Set some of ``module``'s parameters to ``values`` for a while (no autograd), then put
+    them back.
+
+    Example:
+        >>> norm = nn.GroupNorm(1, 2)
+        >>> with assigned(norm, {"bias": torch.ones(2)}):
+        ...     inside = norm.bias.tolist()
+        >>> inside, norm.bias.tolist()
+        ([1.0, 1.0], [0.0, 0.0])
+    """
+    tensors = {name: _attr(module, name) for name in values}
+    saved = {name: t.detach().clone() for name, t in tensors.items()}
+    try:
+        with torch.no_grad():
+            for name, value in values.items():
+                tensors[name].copy_(value)
+        yield
+    finally:
+        with torch.no_grad():
+            for name, value in saved.items():
+                tensors[name].copy_(value)
+
+
+def _attr(module: nn.Module, name: str) -> Tensor:
+    """``module.a.b`` for ``name == "a.b"``."""
+    for part in name.split("."):
+        module = getattr(module, part)
+    return module  # type: ignore[return-value]
+
+
 def evaluate_with(module: nn.Module, values: Mapping[str, Tensor], x: Tensor) -> Tensor:
     """``module.forward(x)`` with some parameters temporarily set to ``values`` (no hooks run).
 
@@ -74,21 +131,14 @@ def evaluate_with(module: nn.Module, values: Mapping[str, Tensor], x: Tensor) ->
         >>> torch.allclose(y, norm(x) + 1, atol=1e-6), norm.bias.tolist()
         (True, [0.0, 0.0])
     """
-    saved = {name: getattr(module, name).detach().clone() for name in values}
-    try:
-        with torch.no_grad():
-            for name, value in values.items():
-                getattr(module, name).copy_(value)
-            # A norm + activation layer: the normalization alone (what is fitted).
-            return getattr(module, "forward_norm", module.forward)(x)
-    finally:
-        with torch.no_grad():
-            for name, value in saved.items():
-                getattr(module, name).copy_(value)
+    with assigned(module, values), torch.no_grad():
+        # A norm + activation layer: the normalization alone (what is fitted).
+        return getattr(module, "forward_norm", module.forward)(x)
 
 
-def layer_affine(module: nn.Module) -> tuple[Tensor, Tensor]:
-    """The layer's per-channel ``(weight, bias)``; refuses a layer without them.
+def layer_affine(module: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """The layer's per-channel ``(weight, bias)`` (``bias`` is ``None`` for a layer without β,
+    such as RMSNorm); refuses a layer without ``weight``.
 
     Example:
         >>> layer_affine(nn.GroupNorm(1, 2, affine=False))
@@ -97,18 +147,19 @@ def layer_affine(module: nn.Module) -> tuple[Tensor, Tensor]:
         normswap.errors.CalibrationError: GroupNorm has no affine weight/bias to calibrate ...
     """
     weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
-    if not isinstance(weight, Tensor) or not isinstance(bias, Tensor):
+    if not isinstance(weight, Tensor):
         raise CalibrationError(
             f"{type(module).__name__} has no affine weight/bias to calibrate (affine=False): "
             "convert with an affine target or exclude this layer"
         )
-    return weight, bias
+    return weight, bias if isinstance(bias, Tensor) else None
 
 
 class AffineFitter(Fitter):
-    """Layers computing ``weight[c] · x̂ + bias[c]`` from a normalized ``x̂``.
+    """Layers computing ``weight[c] · x̂ + bias[c]`` from a normalized ``x̂`` (or
+    ``weight[c] · x̂`` for a layer without β, such as RMSNorm).
 
-    GroupNorm, LayerNorm, LayerNorm2d, InstanceNorm (batch or running statistics) and
+    GroupNorm, LayerNorm, LayerNorm2d, InstanceNorm (batch or running statistics), RMSNorm and
     ``torch.nn.GroupNorm``. The basis ``x̂`` is the module's own output with weight 1 and bias
     0 (one extra forward of the layer).
 
@@ -121,25 +172,61 @@ class AffineFitter(Fitter):
     params = ("weight", "bias")
 
     def basis(self, module: nn.Module, x: Tensor) -> tuple[Tensor | None, list[Tensor | None]]:
-        """Return ``(None, [x̂, 1])``."""
-        weight, _ = layer_affine(module)
-        xhat = evaluate_with(
-            module, {"weight": torch.ones_like(weight), "bias": torch.zeros_like(weight)}, x
-        )
-        return None, [xhat, None]
+        """Return ``(None, [x̂, 1])`` (``(None, [x̂])`` without β)."""
+        weight, bias = layer_affine(module)
+        values = {"weight": torch.ones_like(weight)}
+        if bias is not None:
+            values["bias"] = torch.zeros_like(bias)
+        xhat = evaluate_with(module, values, x)
+        return None, [xhat, None] if bias is not None else [xhat]
 
     def coefficients(self, module: nn.Module) -> Tensor:
-        """``(weight, bias)`` as ``(C, 2)``."""
+        """``(weight, bias)`` as ``(C, 2)`` (``(C, 1)`` without β)."""
         weight, bias = layer_affine(module)
-        return torch.stack([weight.detach(), bias.detach()], dim=1)
+        parts = [weight.detach()] if bias is None else [weight.detach(), bias.detach()]
+        return torch.stack(parts, dim=1)
 
     def assign(self, module: nn.Module, coef: Tensor, gram: Tensor, rhs: Tensor) -> Tensor:
         """Copy ``coef[:, 0]`` into ``weight`` and ``coef[:, 1]`` into ``bias`` in place."""
         weight, bias = layer_affine(module)
         with torch.no_grad():
             weight.copy_(coef[:, 0])
-            bias.copy_(coef[:, 1])
+            if bias is not None:
+                bias.copy_(coef[:, 1])
         return coef
+
+
+class ScalarGridFitter(AffineFitter):
+    """An :class:`AffineFitter` for layers with scalar non-linear parameters too (DyT's α,
+    Derf's α and shift): their values are searched on a grid (:meth:`candidates`), γ/β fitted
+    by least squares under each, the best kept.
+
+    Args:
+        grid: parameter name -> the values to try; every combination is a candidate.
+
+    Example:
+        >>> from normswap.norms import DyT
+        >>> fitter = ScalarGridFitter({"alpha": (0.25, 1.0)})
+        >>> [float(c["alpha"]) for c in fitter.candidates(DyT(4, alpha_init=0.5))]
+        [0.5, 0.25, 1.0]
+    """
+
+    def __init__(self, grid: Mapping[str, tuple[float, ...]]) -> None:
+        self.grid = {name: tuple(values) for name, values in grid.items()}
+        self.params = ("weight", "bias", *self.grid)
+
+    def candidates(self, module: nn.Module) -> list[dict[str, Tensor]]:
+        """The current values first, then every combination of the grid."""
+        current = {name: getattr(module, name).detach().clone() for name in self.grid}
+        out = [current]
+        for combo in itertools.product(*self.grid.values()):
+            out.append(
+                {
+                    name: torch.full_like(current[name], value)
+                    for name, value in zip(self.grid, combo, strict=True)
+                }
+            )
+        return out
 
 
 class WrapperFitter(Fitter):
@@ -181,6 +268,16 @@ class WrapperFitter(Fitter):
         """Set the wrapped norm's parameters."""
         fitter, inner = self._inner(module)
         return fitter.assign(inner, coef, gram, rhs)
+
+    def candidates(self, module: nn.Module) -> list[dict[str, Tensor]]:
+        """The wrapped norm's candidates, by the wrapper's attribute path."""
+        fitter, inner = self._inner(module)
+        return [{f"{self.attr}.{k}": v for k, v in c.items()} for c in fitter.candidates(inner)]
+
+    def channel_dim(self, module: nn.Module) -> int:
+        """The wrapped norm's channel dim."""
+        fitter, inner = self._inner(module)
+        return fitter.channel_dim(inner)
 
 
 #: Layer classes -> the fitter of their family (looked up by MRO). Norm families register their

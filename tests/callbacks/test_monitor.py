@@ -32,7 +32,7 @@ from normswap.monitor.families import (
     register_monitor_family,
 )
 from normswap.monitor.history import NormHistory
-from normswap.monitor.stats import STATS
+from normswap.monitor.stats import HISTORY_COLUMNS, STATS
 
 HERE = Path(__file__).resolve().parent
 
@@ -47,6 +47,9 @@ FAMILY_STATS = {
     "adalin": COMMON | AFFINE | {"rho"},
     "adaln": COMMON | AFFINE | {"mod_shift", "mod_scale", "mod_gate"},
     "wn": COMMON | {"g_mean", "v_norm"},
+    "dyt": COMMON | AFFINE | {"alpha", "saturated"},
+    "derf": COMMON | AFFINE | {"alpha", "saturated"},
+    "rms": COMMON | {"gamma_mean", "gamma_std"},
 }
 ALL_NORMS_LAYERS = {  # AllNorms in forward order: path -> family
     "model.bn": "bn",
@@ -156,14 +159,15 @@ def test_families_by_class_hierarchy() -> None:
 
 def test_history_state_roundtrip_and_reindex() -> None:
     history = NormHistory(paths=["a", "b"], families=["gn", "bn"], order=[1, 0])
-    history.append(0, torch.arange(2.0 * 18).view(2, 18))
+    width = len(HISTORY_COLUMNS)
+    history.append(0, torch.arange(2.0 * width).view(2, width))
     restored = NormHistory.from_state_dict(history.state_dict())
     assert restored.steps == [0] and restored.order == [1, 0]
     torch.testing.assert_close(restored.stacked(), history.stacked())
     moved = restored.reindexed(["c", "b"], ["ln", "bn"])
     assert moved.order == [1]
     calls = moved.stacked("calls")
-    assert math.isnan(calls[0, 0]) and calls[0, 1] == 35.0
+    assert math.isnan(calls[0, 0]) and calls[0, 1] == 2 * width - 1
 
 
 # ---------------------------------------------------------------------------------------------

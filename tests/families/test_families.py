@@ -109,7 +109,7 @@ def test_registries_refuse_duplicates_naming_the_holder() -> None:
         register_family(Family("gn", GroupNormSpec, GroupNormTarget()))
     with pytest.raises(SpecError, match=r"calibration fitter GroupNorm is already registered"):
         normswap.register_fitter(nn.GroupNorm)(AffineFitter)
-    with pytest.raises(SpecError, match=r"BatchNorm source adapter _BatchNorm is already"):
+    with pytest.raises(SpecError, match=r"source norm adapter _BatchNorm is already"):
         normswap.register_source(nn.modules.batchnorm._BatchNorm)(lambda m: m)
     with pytest.raises(SpecError, match=r"monitored norm class GroupNorm is already registered"):
         normswap.register_monitor_family(nn.GroupNorm, "other")

@@ -363,6 +363,7 @@ def plan(
             analysis = target.analyze(model, chosen, spec, example_inputs)
         except NormSwapError as err:
             problems.append(("<analysis>", str(err)))
+            described.clear()  # no decision without the analysis: its problem is listed
 
     norm_steps: list[NormStep] = []
     norm_paths: list[str] = []

@@ -133,3 +133,23 @@ class StallAt(pl.Callback):
         if trainer.global_step == int(step):
             Path(marker).touch()
             threading.Event().wait()
+
+
+class LookalikeFrozenBatchNorm2d(nn.Module):
+    """A frozen BatchNorm of its own, as Hugging Face's DETR family carries: four buffers, no
+    parameters, its epsilon hard-coded in ``forward`` (not a torchvision subclass)."""
+
+    EPS = 1e-5
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.register_buffer("weight", torch.ones(n))
+        self.register_buffer("bias", torch.zeros(n))
+        self.register_buffer("running_mean", torch.zeros(n))
+        self.register_buffer("running_var", torch.ones(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.weight.reshape(1, -1, 1, 1), self.bias.reshape(1, -1, 1, 1)
+        mean = self.running_mean.reshape(1, -1, 1, 1)
+        scale = weight * (self.running_var.reshape(1, -1, 1, 1) + self.EPS).rsqrt()
+        return x * scale + (bias - mean * scale)

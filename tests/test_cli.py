@@ -278,3 +278,11 @@ def test_convert_finalize_writes_a_torch_only_program(tmp_path: Path) -> None:
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+
+
+def test_inspect_replaces_other_kinds_of_norms(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["inspect", "swin_t", "--to", "dyt", "--replace", "ln"]
+    assert cli.main(argv) == 0
+    assert "LayerNorm -> DyT: 29" in capsys.readouterr().out
+    assert cli.main(["inspect", "swin_t", "--to", "dyt", "--replace", "layernorm"]) == 2
+    assert "unknown source kind replace='layernorm'" in capsys.readouterr().err

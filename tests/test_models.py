@@ -66,6 +66,121 @@ def test_structure_every_model_every_target(name: str, target: str) -> None:
     assert all(t.device.type == "meta" for t in model.state_dict().values())
 
 
+#: Models that normalize with something other than BatchNorm (LayerNorm, GroupNorm, ...).
+OTHER_NORM_MODELS = [
+    n
+    for n in tv_models.ALL_MODELS
+    if any(
+        normswap.source_kind(m) not in (None, "bn") for m in tv_models.build(n, meta=True).modules()
+    )
+]
+#: The rules a target may refuse a norm by (each a fragment of the planner's message).
+UNDEFINED = (
+    "normalizes each token of a (N, L, C) sequence",  # statistics over tokens
+    "normalizes channels-first (N, C, *S) maps only",  # AdaLIN/AdaLN and channels-last norms
+    "normalizes each sample with its own statistics",  # frozen/fold need running statistics
+    "needs spatial dims",  # instance statistics of (N, C)
+    "more than one spatial position",
+    "would normalize a single value",
+)
+
+
+def _any_norm_swap(model: nn.Module, name: str, target: str, **kwargs: object):
+    return normswap.swap(
+        model,
+        target,
+        replace="any",
+        example_inputs=tv_models.meta_inputs(name),
+        **META_KW.get(target, {}),
+        **kwargs,
+    )
+
+
+def test_other_norm_census() -> None:
+    """NORMS.md: 20 of 121 torchvision models normalize only with LayerNorm; these and the ones
+    mixing norms (maxvit_t, raft_*, fcos/retinanet_v2) are the any-norm coverage."""
+    ln_only = [
+        n
+        for n in OTHER_NORM_MODELS
+        if {normswap.source_kind(m) for m in tv_models.build(n, meta=True).modules()}
+        <= {None, "ln", "ln2d"}
+    ]
+    assert len(ln_only) == 20
+    assert len(OTHER_NORM_MODELS) == 25
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("name", OTHER_NORM_MODELS)
+def test_any_norm_every_model_every_target(name: str, target: str) -> None:
+    """``replace="any"``: every norm converts where the target is defined for it, and where it
+    is not the plan says why; excluding those, the swap leaves no norm without its reason."""
+    model = tv_models.build(name, meta=True)
+    norms = {id(m): m for m in model.modules() if normswap.source_kind(m) is not None}
+    refused: list[str] = []
+    try:
+        _any_norm_swap(model, name, target, dry_run=True)
+    except normswap.SwapError as err:
+        unexplained = [m for _, m in err.problems if not any(u in m for u in UNDEFINED)]
+        assert not unexplained, unexplained[:3]
+        refused = [p for p, _ in err.problems]
+    report = _any_norm_swap(model, name, target, exclude=refused or None)
+    reasons = {r.path: r.reason for r in report.skipped}
+    left = [
+        p
+        for p, m in model.named_modules()
+        if id(m) in norms and p not in refused and not reasons.get(p)
+    ]
+    assert not left, f"norms left without a reason: {left[:5]}"
+    assert all(t.device.type == "meta" for t in model.state_dict().values())
+
+
+#: One model per source kind other than BatchNorm, for real forward + backward passes:
+#: tokens (ViT), channels-last maps (Swin), ConvNeXt's mix of both LayerNorms, InstanceNorm
+#: (RAFT) and GroupNorm (FCOS's head).
+ANY_NORM_REPRESENTATIVE = ["vit_b_32", "swin_t", "convnext_tiny", "raft_small", "fcos_resnet50_fpn"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("name", ANY_NORM_REPRESENTATIVE)
+def test_any_norm_representative_every_target_trains(name: str, target: str) -> None:
+    """``replace="any"`` on real weights: forward + backward give every trainable parameter a
+    finite gradient, and everything but the converted norms is bit-identical."""
+    model = tv_models.build(name)
+    before = snapshot(model)
+    inputs = tv_models.trace_inputs(name, train=True)
+    if name.startswith("vit_"):
+        inputs = torch.rand(2, 3, 224, 224)
+    kwargs = {**options(target, traced=target != "wn"), "replace": "any", "example_inputs": inputs}
+    if target == "wn":
+        kwargs.update(bn="remove")
+    try:
+        normswap.swap(model, target, dry_run=True, **kwargs)
+        refused = None
+    except normswap.SwapError as err:
+        assert all(any(u in m for u in UNDEFINED) for _, m in err.problems), err.problems[:3]
+        refused = [p for p, _ in err.problems]
+    report = normswap.swap(model, target, exclude=refused, **kwargs)
+    if target not in ("wn", "ws_gn"):  # those reparameterize convs/linears by design
+        assert_others_identical(before, model, [r.path for r in report.converted])
+    model.train()
+    if name.startswith("vit_"):
+        args, call_kwargs = (inputs,), {}
+    else:
+        args, call_kwargs = tv_models.example(name, train=True)
+    dim = cond_dim(target)
+    if dim and any(isinstance(m, normswap.AdaLN) for m in model.modules()):
+        batch = 2 if name.startswith("vit_") else tv_models.batch_size(name)
+        with normswap.condition(model, torch.randn(batch, dim)):
+            out = model(*args, **call_kwargs)
+    else:
+        out = model(*args, **call_kwargs)
+    loss = sum_outputs(out)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert_all_grads(model)
+
+
 def _forward_backward(model: nn.Module, name: str, target: str) -> None:
     model.train()
     args, kwargs = tv_models.example(name, train=True)

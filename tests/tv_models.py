@@ -103,6 +103,33 @@ def trace_inputs(name: str, *, train: bool = False) -> Any:
     return args[0] if len(args) == 1 else args
 
 
+#: Input sizes where a model needs more than :func:`example`'s (fixed-size ViTs, MViT's clips).
+META_IMAGE_SIZE = {name: 224 for name in ALL_MODELS if name.startswith(("vit_", "mvit_"))}
+
+
+def _to_meta(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return torch.empty(obj.shape, dtype=obj.dtype, device="meta")
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_meta(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to_meta(v) for k, v in obj.items()}
+    return obj
+
+
+def meta_inputs(name: str) -> Any:
+    """``example_inputs`` on the meta device (a forward on meta tensors gives every norm's input
+    rank at no memory cost), or ``None`` for the detection models, whose forward needs data
+    (``torch.nonzero`` has no meta kernel)."""
+    if name in DETECTION:
+        return None
+    if name.startswith("mvit_"):
+        return torch.empty(1, 3, 16, 224, 224, device="meta")
+    if name in META_IMAGE_SIZE:
+        return torch.empty(1, 3, META_IMAGE_SIZE[name], META_IMAGE_SIZE[name], device="meta")
+    return _to_meta(trace_inputs(name))
+
+
 def batch_size(name: str) -> int:
     args, _ = example(name, train=False)
     first = args[0]

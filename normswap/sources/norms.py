@@ -109,10 +109,10 @@ def describe_rms_norm(module: nn.Module) -> SourceNorm:
 
     Example:
         >>> src = describe_rms_norm(nn.RMSNorm(8))
-        >>> src.source, src.center, src.eps == torch.finfo(torch.float32).eps
-        ('bn', False, True)
+        >>> src.over, src.center, src.eps == torch.finfo(torch.float32).eps
+        ('channels', False, True)
     """
-    shape = tuple(module.normalized_shape)
+    shape = tuple(getattr(module, "normalized_shape", None) or (module.num_channels,))
     if getattr(module, "channels_last", True):
         return _channels_last_record(module, shape, module.eps, center=False)
     return per_sample_record(
@@ -237,7 +237,14 @@ def describe_frozen_affine(module: nn.Module) -> SourceNorm:
 
 
 def _register() -> None:
-    from normswap.norms import FrozenAffine, GroupNorm, InstanceNorm, LayerNorm, LayerNorm2d
+    from normswap.norms import (
+        FrozenAffine,
+        GroupNorm,
+        InstanceNorm,
+        LayerNorm,
+        LayerNorm2d,
+        RMSNorm,
+    )
 
     register_source(nn.LayerNorm, kind="ln")(describe_layer_norm)
     register_source(LayerNorm, kind="ln")(describe_group_norm)  # the GN paper's: GroupNorm(1)
@@ -246,7 +253,7 @@ def _register() -> None:
     register_source(nn.modules.instancenorm._InstanceNorm, InstanceNorm, kind="in")(
         describe_instance_norm
     )
-    register_source(nn.RMSNorm, kind="rms")(describe_rms_norm)
+    register_source(nn.RMSNorm, RMSNorm, kind="rms")(describe_rms_norm)
     register_source(FrozenAffine, kind="frozen")(describe_frozen_affine)
     try:
         from torchvision.models.convnext import LayerNorm2d as TVLayerNorm2d

@@ -119,6 +119,16 @@ def test_norm_options_match_the_specs(norm: str, tmp_path: Path) -> None:
     assert callback.spec.name == norm
 
 
+def test_norm_replace_reaches_the_callback(tmp_path: Path) -> None:
+    cfg = _compose(["norm=rms", "norm.replace=[ln,bn]"], tmp_path)
+    assert build_norm_callback(cfg.norm).replace == ("ln", "bn")
+    cfg = _compose(["norm=dyt", "norm.replace=any", "norm.alpha_init=0.2"], tmp_path)
+    callback = build_norm_callback(cfg.norm)
+    assert "rms" in callback.replace and callback.spec.alpha_init == 0.2
+    with pytest.raises(normswap.SpecError, match="unknown source kind"):
+        build_norm_callback(_compose(["norm=gn", "norm.replace=layer"], tmp_path).norm)
+
+
 @pytest.mark.parametrize("data", options("data"))
 def test_data_options_instantiate(data: str, tmp_path: Path) -> None:
     overrides = [f"data={data}"]

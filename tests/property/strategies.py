@@ -28,10 +28,12 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+from helpers import LookalikeFrozenBatchNorm2d
 from hypothesis import strategies as st
 from torch import nn
 from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrizations
+from torchvision.models.convnext import LayerNorm2d as TVLayerNorm2d
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 import normswap
@@ -172,12 +174,16 @@ class Linear(Step):
 
 @dataclass(frozen=True, repr=False)
 class Norm(Step):
-    """A BatchNorm-family module with random affine parameters and running statistics.
+    """A norm module with random affine parameters (and running statistics where it has them).
 
     ``flavour``: ``bn1d``/``bn2d``/``bn3d`` (``lazy``: ``"init"`` = a LazyBatchNorm initialized by
     one forward before the swap, ``"uninit"`` = left uninitialized), ``sync`` (SyncBatchNorm),
     ``frozen`` (torchvision's FrozenBatchNorm2d), ``quiet`` (subclass keeping ``forward``),
-    ``fused`` (subclass overriding ``forward``).
+    ``fused`` (subclass overriding ``forward``), ``lookalike`` (a frozen BatchNorm of its own);
+    the other source kinds: ``ln`` (``nn.LayerNorm`` over the last dim), ``rms``
+    (``nn.RMSNorm`` over the last dim), ``ln2d`` (ConvNeXt's channels-first LayerNorm2d),
+    ``gn`` (``nn.GroupNorm`` with ``groups`` groups), ``in`` (``nn.InstanceNorm{1,2,3}d``).
+    ``channels`` is the normalized dim's size: the last dim for ``ln``/``rms``.
     """
 
     src: int
@@ -189,6 +195,8 @@ class Norm(Step):
     eps: float = 1e-5
     momentum: float | None = 0.1
     lazy: str = "no"
+    groups: int = 1
+    dims: int = 0  # InstanceNorm{dims}d
 
 
 @dataclass(frozen=True, repr=False)
@@ -283,7 +291,18 @@ NORM_RANKS: dict[str, tuple[int, ...]] = {
     "frozen": (4,),
     "quiet": (4,),
     "fused": (4,),
+    "lookalike": (4,),
+    "ln": (2, 3, 4, 5),
+    "rms": (2, 3, 4, 5),
+    "ln2d": (4,),
+    "gn": (2, 3, 4, 5),
+    "in": (3, 4, 5),
 }
+#: Flavours that normalize the last dim (``channels`` is its size).
+LAST_DIM = frozenset({"ln", "rms"})
+#: Flavours without batch statistics (per-sample norms and frozen ones).
+PER_SAMPLE = frozenset({"ln", "rms", "ln2d", "gn", "in"})
+_IN = {3: nn.InstanceNorm1d, 4: nn.InstanceNorm2d, 5: nn.InstanceNorm3d}
 
 
 def _randomize_norm(module: nn.Module) -> None:
@@ -292,6 +311,7 @@ def _randomize_norm(module: nn.Module) -> None:
         weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
         if weight is not None:
             weight.uniform_(0.5, 1.5)
+        if bias is not None:
             bias.normal_()
         if getattr(module, "running_mean", None) is not None:
             module.running_mean.normal_()
@@ -308,6 +328,18 @@ def _make_norm(step: Norm, batch: int) -> nn.Module:
     }
     if step.flavour == "frozen":
         module: nn.Module = FrozenBatchNorm2d(c, eps=step.eps)
+    elif step.flavour == "lookalike":
+        module = LookalikeFrozenBatchNorm2d(c)
+    elif step.flavour == "ln":
+        module = nn.LayerNorm(c, eps=step.eps, elementwise_affine=step.affine)
+    elif step.flavour == "rms":
+        module = nn.RMSNorm(c, eps=step.eps, elementwise_affine=step.affine)
+    elif step.flavour == "ln2d":
+        module = TVLayerNorm2d(c, eps=step.eps, elementwise_affine=step.affine)
+    elif step.flavour == "gn":
+        module = nn.GroupNorm(step.groups, c, eps=step.eps, affine=step.affine)
+    elif step.flavour == "in":
+        module = _IN[step.dims + 2](c, **kwargs)
     elif step.flavour == "sync":
         module = nn.SyncBatchNorm(c, **kwargs)
     elif step.flavour in ("quiet", "fused"):
@@ -474,7 +506,41 @@ def _writable(step: Step) -> bool:
 
 
 def _needs_batch_stats(flavour: str, training: bool, track: bool) -> bool:
-    return flavour != "frozen" and (training or not track)
+    """Batch statistics over the batch and the positions (BatchNorm in training, or without
+    running statistics)."""
+    if flavour in PER_SAMPLE or flavour in ("frozen", "lookalike"):
+        return False
+    return training or not track
+
+
+def _needs_instance_stats(flavour: str, training: bool, track: bool) -> bool:
+    """InstanceNorm statistics over the positions of one sample (torch refuses one position)."""
+    return flavour == "in" and (training or not track)
+
+
+def _normalized(flavour: str, shape: Shape) -> int:
+    """The size of the dim a norm of ``flavour`` normalizes on a value of ``shape``."""
+    if flavour in LAST_DIM:
+        return shape.spatial[-1] if shape.spatial else shape.channels
+    return shape.channels
+
+
+def _norm_fits(step: Norm, shape: Shape, batch: int) -> bool:
+    """Whether the norm module of ``step`` runs on a value of ``shape``."""
+    if (
+        shape.rank not in NORM_RANKS[step.flavour]
+        or _normalized(step.flavour, shape) != step.channels
+    ):
+        return False
+    if step.flavour == "in" and shape.rank != step.dims + 2:
+        return False
+    if step.flavour == "gn" and step.channels // step.groups * math.prod(shape.spatial) < 2:
+        return False
+    if _needs_batch_stats(step.flavour, step.training, step.track):
+        return _values_per_channel(batch, shape) >= 2
+    if _needs_instance_stats(step.flavour, step.training, step.track):
+        return math.prod(shape.spatial) >= 2
+    return True
 
 
 def _values_per_channel(batch: int, shape: Shape) -> int:
@@ -493,10 +559,7 @@ def _calls(step: Step, shape: Shape, batch: int) -> Shape | None:
             return Shape(shape.rank, shape.channels, (*shape.spatial[:-1], step.fout))
         return Shape(2, step.fout, ()) if shape.rank == 2 and shape.channels == step.fin else None
     if isinstance(step, Norm):
-        if shape.rank not in NORM_RANKS[step.flavour] or shape.channels != step.channels:
-            return None
-        needs_batch = _needs_batch_stats(step.flavour, step.training, step.track)
-        return None if needs_batch and _values_per_channel(batch, shape) < 2 else shape
+        return shape if _norm_fits(step, shape, batch) else None
     if isinstance(step, Act):
         return None if step.kind == "relu_" else shape  # an in-place call reads one value only
     return None
@@ -566,7 +629,11 @@ def _draw_linear(draw: st.DrawFn, d: _Drawing, src: int) -> None:
 
 def _draw_norm(draw: st.DrawFn, d: _Drawing, src: int) -> None:
     shape = d.values[src].shape
-    flavour = draw(st.sampled_from([f for f, ranks in NORM_RANKS.items() if shape.rank in ranks]))
+    positions = math.prod(shape.spatial)
+    flavours = [f for f, ranks in NORM_RANKS.items() if shape.rank in ranks]
+    if shape.channels * positions < 2:  # F.group_norm refuses one value per group
+        flavours.remove("gn")
+    flavour = draw(st.sampled_from(flavours))
     lazy = "no"
     if flavour in _NORM_DIMS:
         lazy = draw(st.sampled_from(["no", "no", "init", "uninit"]))
@@ -574,16 +641,26 @@ def _draw_norm(draw: st.DrawFn, d: _Drawing, src: int) -> None:
     training = False if d.all_eval else draw(st.booleans())
     if _values_per_channel(d.batch, shape) < 2 and _needs_batch_stats(flavour, training, track):
         training, track = False, True  # batch statistics over one value per channel: invalid
+    if math.prod(shape.spatial) < 2 and _needs_instance_stats(flavour, training, track):
+        training, track = False, True  # instance statistics over one position: invalid
+    channels = _normalized(flavour, shape)
+    groups = 1
+    if flavour == "gn":
+        groups = draw(
+            st.sampled_from([g for g in _divisors(channels) if channels // g * positions > 1])
+        )
     step = Norm(
         src=src,
         flavour=flavour,
-        channels=shape.channels,
+        channels=channels,
         affine=draw(st.integers(0, 4)) != 4,
-        track=track,
+        track=track if flavour not in PER_SAMPLE - {"in"} else False,
         training=training,
         eps=draw(st.sampled_from([1e-5, 1e-3, 0.1])),
         momentum=draw(st.sampled_from([0.1, None])),
         lazy=lazy,
+        groups=groups,
+        dims=shape.rank - 2 if flavour == "in" else 0,
         **_draw_common(draw),
     )
     if lazy == "uninit":  # requires_grad_ on an uninitialized parameter raises
@@ -716,7 +793,13 @@ NORMS: tuple[str, ...] = tuple(normswap.list_norms())
 FIELD_STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
     "cond_dim": st.integers(1, 6),  # required by "adaln"
     "layers": st.lists(st.sampled_from(["conv", "linear"]), unique=True).map(tuple),
+    "alpha_paths": st.dictionaries(
+        st.sampled_from(["*", "layers.*", "named.*", "*.inner"]), st.floats(0.05, 2.0), max_size=2
+    ),
 }
+#: Every source kind, read at collection time, and the selections ``replace=`` is drawn from.
+KINDS: tuple[str, ...] = tuple(normswap.SOURCE_KINDS)
+REPLACES: tuple[Any, ...] = (None, None, *KINDS, ("bn", "ln"), ("gn", "in", "rms"), "any")
 #: Spec fields without a usable default.
 REQUIRED_FIELDS = frozenset({"cond_dim"})
 
@@ -796,6 +879,7 @@ class SwapArgs:
             ``"tuple"`` (positional arguments) or ``"dict"`` (keyword arguments).
         strict: ``strict=``.
         dry_run: ``dry_run=``.
+        replace: ``replace=`` (``None``: the default, BatchNorm).
     """
 
     name: str
@@ -805,6 +889,7 @@ class SwapArgs:
     inputs: str | None = None
     strict: bool = False
     dry_run: bool = False
+    replace: Any = None
 
     def kwargs(self, x: torch.Tensor, **changes: Any) -> dict[str, Any]:
         """Keyword arguments of ``swap(model, name, **kwargs)`` with input ``x``."""
@@ -821,6 +906,7 @@ class SwapArgs:
             "example_inputs": example,
             "strict": args.strict,
             "dry_run": args.dry_run,
+            "replace": args.replace,
             **args.options,
         }
 
@@ -837,6 +923,7 @@ def swap_args(draw: st.DrawFn, paths: list[str]) -> SwapArgs:
         inputs=draw(st.sampled_from([None, "tensor", "tuple", "dict"])),
         strict=draw(st.integers(0, 4)) == 4,
         dry_run=draw(st.integers(0, 9)) == 9,
+        replace=draw(st.sampled_from(REPLACES)),
     )
 
 

@@ -1,12 +1,14 @@
 """The swap property, on random tiny networks: either the swap converts faithfully, or it raises a
 ``ValueError`` and the model is bit-identical to what it was.
 
-Faithful means: no BatchNorm-family module is left in the include/exclude scope without a skip
-record and its reason; everything that is not a converted norm keeps its object, type, training
-flag, hooks, ``requires_grad`` and bits (weight norm: the same effective weight; a fold: the same
-eval outputs); a shared module stays shared; the converted model runs forward and backward and every
-trainable parameter gets a finite gradient. And the plan is the contract: a dry run that succeeds
-means the real swap succeeds with the same records, a dry run that fails means the swap fails.
+Faithful means: no norm of the replaced kinds (BatchNorm by default; ``replace=`` draws
+LayerNorm, GroupNorm, InstanceNorm, RMSNorm, frozen look-alikes...) is left in the include/exclude
+scope without a skip record and its reason; everything that is not a converted norm keeps its
+object, type, training flag, hooks, ``requires_grad`` and bits (weight norm: the same effective
+weight; a fold and an exact LayerNorm -> RMSNorm rewrite: the same outputs); a shared module stays
+shared; the converted model runs forward and backward and every trainable parameter gets a finite
+gradient. And the plan is the contract: a dry run that succeeds means the real swap succeeds with
+the same records, a dry run that fails means the swap fails.
 
 ``make test`` runs a bounded, derandomized search. ``NORMSWAP_FUZZ_EXAMPLES=20000`` runs a long
 random one (``make fuzz``), keeping found examples in ``.cache/hypothesis``.
@@ -21,13 +23,20 @@ from fnmatch import fnmatchcase
 from typing import Any
 
 import torch
-from helpers import assert_all_grads
+from helpers import LookalikeFrozenBatchNorm2d, assert_all_grads
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis.database import DirectoryBasedExampleDatabase
-from strategies import Net, SwapArgs, swap_cases
+from strategies import (
+    BatchNormReLU2d,
+    Net,
+    QuietBatchNorm2d,
+    SwapArgs,
+    swap_cases,
+)
 from torch import nn
 from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
+from torchvision.models.convnext import LayerNorm2d as TVLayerNorm2d
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 import normswap
@@ -62,7 +71,25 @@ BATCHNORM_CLASSES = (
     FrozenBatchNorm2d,
 )
 BATCHNORM_NAMES = frozenset(c.__name__ for c in BATCHNORM_CLASSES)
+#: The classes of each source kind, judged independently of normswap's registry (exact classes:
+#: the generated networks use these and nothing else).
+KIND_CLASSES: dict[str, tuple[type, ...]] = {
+    "bn": (
+        *BATCHNORM_CLASSES,
+        QuietBatchNorm2d,
+        BatchNormReLU2d,
+        LookalikeFrozenBatchNorm2d,
+    ),
+    "ln": (nn.LayerNorm,),
+    "ln2d": (TVLayerNorm2d,),
+    "gn": (nn.GroupNorm,),
+    "in": (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d),
+    "rms": (nn.RMSNorm,),
+    "frozen": (normswap.FrozenAffine,),
+}
 NORM_ACTIONS = frozenset({"replace", "fold", "remove"})
+#: Actions on other layers whose values may change (judged by the outputs).
+REWRITES = frozenset({"center", "untie"})
 HOOK_DICTS = (
     "_forward_hooks",
     "_forward_pre_hooks",
@@ -77,12 +104,26 @@ HOOK_DICTS = (
 )
 
 
-def is_batchnorm(module: nn.Module) -> bool:
-    """A BatchNorm-family module, also inside TorchScript (which normswap may not see)."""
-    if isinstance(module, BATCHNORM_CLASSES) or normswap.is_source_norm(module):
+def kinds_of(args: SwapArgs) -> tuple[str, ...]:
+    """The source kinds ``args`` replaces."""
+    replace = args.replace
+    if replace is None:
+        return ("bn",)
+    if replace == "any":
+        return tuple(KIND_CLASSES)
+    return (replace,) if isinstance(replace, str) else tuple(replace)
+
+
+def is_replaced(module: nn.Module, args: SwapArgs) -> bool:
+    """A norm of a kind ``args`` replaces, also inside TorchScript (which normswap may not
+    see)."""
+    kinds = kinds_of(args)
+    if any(type(module) in KIND_CLASSES[k] for k in kinds):
         return True
-    return isinstance(module, torch.jit.ScriptModule) and (
-        getattr(module, "original_name", None) in BATCHNORM_NAMES
+    return (
+        "bn" in kinds
+        and isinstance(module, torch.jit.ScriptModule)
+        and getattr(module, "original_name", None) in BATCHNORM_NAMES
     )
 
 
@@ -284,14 +325,15 @@ def check_swap(net: Net, args: SwapArgs) -> str:
 class _Records:
     """The report, sorted by what each record says happened to which path."""
 
-    norms: dict[str, normswap.SwapRecord]  # every path of every BN record
-    converted: dict[str, normswap.SwapRecord]  # BN paths replaced, folded or removed
+    norms: dict[str, normswap.SwapRecord]  # every path of every replaced-kind norm's record
+    converted: dict[str, normswap.SwapRecord]  # those paths replaced, folded or removed
     reparam: dict[str, normswap.SwapRecord]  # layer paths weight-normed or standardized
     folded_into: set[str]  # producer paths that received a folded BN
+    rewritten: dict[str, normswap.SwapRecord]  # layer paths centred or untied (exact rewrite)
 
 
-def _sort_records(report: normswap.SwapReport, before: Snapshot) -> _Records:
-    norms, converted, reparam, folded_into = {}, {}, {}, set()
+def _sort_records(report: normswap.SwapReport, before: Snapshot, args: SwapArgs) -> _Records:
+    norms, converted, reparam, folded_into, rewritten = {}, {}, {}, set(), {}
     for r in report:
         paths = (r.path, *r.aliases)
         assert r.path in before.modules, f"[report] record for unknown path {r.path!r}"
@@ -300,7 +342,9 @@ def _sort_records(report: normswap.SwapReport, before: Snapshot) -> _Records:
             f"[report] record {r.path!r} lists paths {paths}, the module is at "
             f"{before.paths_of(owner)}"
         )
-        if is_batchnorm(owner):
+        if r.action in REWRITES:
+            rewritten.update(dict.fromkeys(paths, r))
+        elif is_replaced(owner, args):
             norms.update(dict.fromkeys(paths, r))
             if r.action in NORM_ACTIONS:
                 converted.update(dict.fromkeys(paths, r))
@@ -313,7 +357,7 @@ def _sort_records(report: normswap.SwapReport, before: Snapshot) -> _Records:
             reparam.update(dict.fromkeys(paths, r))
         else:
             assert r.action == "skip", f"[report] {r.action!r} on a layer that is no norm: {r}"
-    return _Records(norms, converted, reparam, folded_into)
+    return _Records(norms, converted, reparam, folded_into, rewritten)
 
 
 def _inside(path: str, prefixes: Iterable[str]) -> bool:
@@ -329,23 +373,25 @@ def check_converted(
     report: normswap.SwapReport,
 ) -> None:
     """The invariants of a successful swap."""
-    recs = _sort_records(report, before)
+    recs = _sort_records(report, before, args)
     after = dict(model.named_modules(remove_duplicate=False))
     after_paths: dict[int, list[str]] = {}
     for p, m in after.items():
         after_paths.setdefault(id(m), []).append(p)
 
-    # No BatchNorm left in scope without a skip record; none at all with strict=True.
+    # No norm of a replaced kind left in scope without a skip record; none with strict=True.
+    # (Only the model's own norms: a new layer may be of a replaced kind, e.g. gn -> gn.)
+    originals = {id(m) for m in before.modules.values()}
     for path, module in after.items():
-        if not is_batchnorm(module):
+        if id(module) not in originals or not is_replaced(module, args):
             continue
         paths = after_paths[id(module)]
-        assert not args.strict, f"[batchnorm-left] strict=True, yet {path!r} is still a BN"
+        assert not args.strict, f"[batchnorm-left] strict=True, yet {path!r} remains"
         if in_scope(paths, args):
             record = recs.norms.get(path)
             assert record is not None and record.action == "skip" and record.reason, (
                 f"[batchnorm-left] {type(module).__name__} at {path!r} is in scope, still a "
-                f"BatchNorm, and has no skip record"
+                f"norm of a replaced kind, and has no skip record"
             )
 
     # Modules: converted norms replaced (a shared one by one shared module), the rest the same
@@ -370,12 +416,16 @@ def check_converted(
             continue
         known = set(recs.converted) | {p + ".parametrizations" for p in recs.reparam}
         assert path in known or _inside(path, known), f"[module-new] unexpected module {path!r}"
+        assert path not in recs.rewritten, f"[module-new] {path!r} was rewritten and replaced"
 
     _check_state(before, model, recs)
     _check_requires_grad(before, model, recs)
 
-    # Weight norm with every BN folded or kept computes what the model computed.
-    if args.name == "wn" and not any(r.action == "remove" for r in recs.norms.values()):
+    # Weight norm with every BN folded or kept computes what the model computed; so does an
+    # exact LayerNorm -> RMSNorm rewrite (centred writers, γ/β folded into their readers).
+    exact_rms = args.name == "rms" and args.options.get("center") == "fold"
+    wn_exact = args.name == "wn" and not any(r.action == "remove" for r in recs.norms.values())
+    if wn_exact or exact_rms:
         reference, ref_x = net.build()
         with torch.no_grad():
             expected, got = run(reference, ref_x), run(model, x)
@@ -386,7 +436,7 @@ def check_converted(
                 e,
                 rtol=1e-4,
                 atol=1e-5 * scale,
-                msg=lambda m: f"[outputs] wn with BNs folded/kept changed the outputs: {m}",
+                msg=lambda m: f"[outputs] an exact rewrite ({args.name}) changed the outputs: {m}",
             )
 
     # Forward and backward run; every trainable parameter gets a finite gradient.
@@ -424,7 +474,7 @@ def _expected_requires_grad(old: nn.Module, spec: dict[str, Any]) -> bool:
     trainable = spec.get("trainable")
     if trainable is not None:
         return trainable
-    if isinstance(old, FrozenBatchNorm2d):
+    if isinstance(old, FrozenBatchNorm2d | LookalikeFrozenBatchNorm2d):
         return False
     weight = getattr(old, "weight", None)
     return weight.requires_grad if isinstance(weight, nn.Parameter) else True
@@ -442,7 +492,7 @@ def _check_new_norm(
     carries eps and γ (the same Parameter). ``spec`` is the report's resolved spec."""
     new = after.get(path)
     assert new is not None, f"[module-lost] converted {path!r} disappeared"
-    assert not is_batchnorm(new), f"[batchnorm-left] {path!r} has a replace record but is a BN"
+    assert new is not old, f"[batchnorm-left] {path!r} has a replace record but is unchanged"
     for alias in (record.path, *record.aliases):
         assert after.get(alias) is new, f"[sharing] {path!r} and {alias!r} are no longer shared"
     assert type(new).__name__ == record.target, (
@@ -456,10 +506,12 @@ def _check_new_norm(
     assert all(g == expected for g in grads.values()), (
         f"[requires-grad] {path!r}: expected requires_grad={expected}, got {grads}"
     )
-    if not hasattr(new, "eps"):  # e.g. statistics folded into a fixed affine
+    if not hasattr(new, "eps"):  # e.g. statistics folded into a fixed affine, or DyT
         return
     eps = spec.get("eps")
-    assert new.eps == (eps if eps is not None else old.eps), f"[carry] {path!r}: eps not carried"
+    assert new.eps == (eps if eps is not None else _eps(old)), f"[carry] {path!r}: eps not carried"
+    if "folded into" in (record.note or ""):  # an exact rewrite moved γ/β into the next layers
+        return
     old_weight = getattr(old, "weight", None)
     new_weight = getattr(new, "weight", None)
     if old_weight is not None and not is_lazy(old_weight):
@@ -470,14 +522,25 @@ def _check_new_norm(
         assert new_weight.dtype == old_weight.dtype, f"[carry] {path!r}: γ changed dtype"
 
 
+def _eps(module: nn.Module) -> float:
+    """A source norm's epsilon as its forward uses it."""
+    if isinstance(module, LookalikeFrozenBatchNorm2d):
+        return module.EPS
+    if isinstance(module, nn.RMSNorm) and module.eps is None:
+        dtype = next(module.parameters(), torch.zeros(())).dtype
+        return torch.finfo(dtype).eps
+    return module.eps
+
+
 def _check_state(before: Snapshot, model: nn.Module, recs: _Records) -> None:
     """Every state entry outside converted norms is bit-identical, with the documented
     exceptions: weight-normed weights keep their effective value, standardized weights keep the
-    stored original, producers that received a fold are judged by the outputs."""
+    stored original, producers that received a fold and layers an exact rewrite changed (centred,
+    untied) are judged by the outputs."""
     state = model.state_dict(keep_vars=True)
     for key, old in before.state.items():
         owner, _, leaf = key.rpartition(".")
-        if owner in recs.converted:
+        if owner in recs.converted or owner in recs.rewritten:
             continue
         if owner in recs.folded_into and leaf in ("weight", "bias"):
             continue
@@ -522,6 +585,9 @@ def _check_requires_grad(before: Snapshot, model: nn.Module, recs: _Records) -> 
         owner, _, leaf = name.rpartition(".")
         if owner in recs.converted:
             continue
+        if owner in recs.rewritten and recs.rewritten[owner].action == "untie":
+            assert params[name].requires_grad == grad, f"[requires-grad] {name} changed"
+            continue  # given its own copy of the tied values
         if owner in recs.reparam and leaf == "weight":
             originals = {
                 n: p.requires_grad

@@ -19,6 +19,7 @@ from torch import nn
 from normswap.errors import NormSwapError, SwapError
 from normswap.families import get_family
 from normswap.finalize import finalize
+from normswap.journal import Journal
 from normswap.modes import restore_training_flags, training_flags
 from normswap.progressive import swap_progressive
 from normswap.report import SwapReport
@@ -233,14 +234,47 @@ def restore(
     if isinstance(checkpoint, (str, os.PathLike)):
         checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
     record = find_record(checkpoint)
-    report = replay(model, record, example_inputs=example_inputs)
-    if record.get("finalized"):  # saved in its inference form (normswap.finalize)
-        flags = training_flags(model)
-        model.eval()
-        finalize(model)
-        restore_training_flags(model, flags)
     state = checkpoint.get("state_dict")
     if state is None:
         raise NormSwapError("the checkpoint has no 'state_dict' to load")
+    journal = Journal(model)
+    try:
+        report = replay(model, record, example_inputs=example_inputs)
+        if record.get("finalized"):  # saved in its inference form (normswap.finalize)
+            flags = training_flags(model)
+            model.eval()
+            finalize(model)
+            restore_training_flags(model, flags)
+        _check_fits(model, state, strict)
+    except BaseException:
+        journal.rollback()  # the model is as it was: not half restored
+        raise
     model.load_state_dict(state, strict=strict)
     return report
+
+
+def _check_fits(model: nn.Module, state: Mapping[str, Any], strict: bool) -> None:
+    """Refuse a state dict that does not load into ``model`` (before anything is loaded)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state] if strict else []
+    unexpected = [k for k in state if k not in own] if strict else []
+    shapes = [
+        k
+        for k, v in state.items()
+        if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = [
+            f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+            for what, keys in (
+                ("missing", missing),
+                ("unexpected", unexpected),
+                ("other shapes", shapes),
+            )
+            if keys
+        ]
+        raise NormSwapError(
+            f"the checkpoint's weights do not fit the model after the recorded surgery ("
+            f"{'; '.join(parts)}): restore into a freshly built, unconverted model of the same "
+            "architecture; nothing was modified"
+        )

@@ -8,6 +8,9 @@ statistics span is said once, in the record (:class:`~normswap.sources.SourceNor
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -22,6 +25,7 @@ __all__ = [
     "describe_layer_norm_2d",
     "describe_rms_norm",
     "per_sample_record",
+    "then_after",
 ]
 
 
@@ -200,8 +204,6 @@ def describe_instance_norm(module: nn.Module) -> SourceNorm:
 
 
 def _replace_ranks(src: SourceNorm, ranks: tuple[int, ...]) -> SourceNorm:
-    import dataclasses
-
     return dataclasses.replace(src, ranks=ranks)
 
 
@@ -236,6 +238,25 @@ def describe_frozen_affine(module: nn.Module) -> SourceNorm:
     )
 
 
+def then_after(base: Callable[[nn.Module], SourceNorm]) -> Callable[[nn.Module], SourceNorm]:
+    """An adapter for normswap's ``*Act`` layers (a norm, then the modules named in its
+    ``after_names``): ``base`` describes the norm, the modules after it come along.
+
+    Example:
+        >>> from normswap.norms import GroupNorm, with_after
+        >>> layer = with_after(GroupNorm(4, 2), [("act", nn.ReLU())])
+        >>> [name for name, _ in then_after(describe_group_norm)(layer).after]
+        ['act']
+    """
+
+    def adapter(module: nn.Module) -> SourceNorm:
+        after = tuple((name, module._modules[name]) for name in module.after_names)
+        return dataclasses.replace(base(module), after=after)
+
+    adapter.__qualname__ = f"then_after({base.__qualname__})"
+    return adapter
+
+
 def _register() -> None:
     from normswap.norms import (
         FrozenAffine,
@@ -255,6 +276,17 @@ def _register() -> None:
     )
     register_source(nn.RMSNorm, RMSNorm, kind="rms")(describe_rms_norm)
     register_source(FrozenAffine, kind="frozen")(describe_frozen_affine)
+    from normswap.norms import act
+
+    for cls, kind, base in (
+        (act.GroupNormAct, "gn", describe_group_norm),
+        (act.LayerNormAct, "ln", describe_group_norm),
+        (act.LayerNorm2dAct, "ln2d", describe_layer_norm_2d),
+        (act.InstanceNormAct, "in", describe_instance_norm),
+        (act.RMSNormAct, "rms", describe_rms_norm),
+        (act.FrozenAffineAct, "frozen", describe_frozen_affine),
+    ):
+        register_source(cls, kind=kind)(then_after(base))
     try:
         from torchvision.models.convnext import LayerNorm2d as TVLayerNorm2d
     except ImportError:  # torchvision is a dependency, but the core works without it

@@ -180,3 +180,15 @@ def test_derf_and_dyt_layers_are_what_the_monitor_reports() -> None:
 
     assert family_of(DyT(4)) == "dyt" and family_of(Derf(4)) == "derf"
     assert family_of(RMSNorm(4)) == "rms" and family_of(LayerNorm2d(4)) == "ln2d"
+
+
+def test_a_converted_model_converts_again_keeping_the_modules_after_its_norms() -> None:
+    import timm
+
+    model = timm.create_model("test_efficientnet", pretrained=False).eval()
+    first = normswap.swap(model, "gn", num_groups=8)
+    second = normswap.swap(model, "ln", replace="gn", strict=True)
+    assert len(second.converted) == len(first.converted)
+    acts = [m for m in model.modules() if type(m).__name__ == "LayerNormAct"]
+    assert acts and all(hasattr(m, "act") for m in acts)
+    model(torch.randn(1, 3, 32, 32)).sum().backward()

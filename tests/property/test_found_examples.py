@@ -170,3 +170,17 @@ def test_a_runtime_refusal_without_example_inputs_names_the_fix() -> None:
     assert "input rank unknown" in report[0].note
     with pytest.raises(NormSwapError, match="expects input of shape"):
         model(torch.randn(2, 3))
+
+
+def test_restore_into_a_model_that_does_not_fit_refuses_and_changes_nothing() -> None:
+    """Found by the copy property: a record with nothing to replay, restored into a model that
+    was converted already (weight norm), made ``load_state_dict`` raise a RuntimeError after
+    loading what matched."""
+    source = nn.Sequential(nn.Linear(2, 3), nn.LayerNorm(3))
+    record = normswap.surgery_record(normswap.swap(source, "gn"))
+    target = nn.Sequential(nn.Linear(2, 3), nn.LayerNorm(3))
+    normswap.swap(target, "wn", bn="remove")
+    before = snapshot(target)
+    with pytest.raises(NormSwapError, match=r"do not fit.*missing: 0\.parametrizations"):
+        normswap.restore(target, {"normswap": record, "state_dict": source.state_dict()})
+    assert_untouched(before, target)

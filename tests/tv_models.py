@@ -6,6 +6,7 @@ size each architecture accepts, kept small so the whole coverage run fits CI's b
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any
 
@@ -14,7 +15,7 @@ import torchvision
 from torch import nn
 
 from normswap.meta import init_on_meta
-from normswap.sources import is_source_norm
+from normswap.sources import is_source_norm, source_kind
 
 ALL_MODELS = torchvision.models.list_models()
 
@@ -55,6 +56,12 @@ def build(name: str, *, meta: bool = False) -> nn.Module:
 
 def has_bn(model: nn.Module) -> bool:
     return any(is_source_norm(m) for m in model.modules())
+
+
+@functools.cache
+def norm_kinds(name: str) -> frozenset[str]:
+    """The source kinds of the norms ``name`` holds (built once on the meta device)."""
+    return frozenset(k for m in build(name, meta=True).modules() if (k := source_kind(m)))
 
 
 def _targets(n: int, size: int, name: str) -> list[dict[str, torch.Tensor]]:

@@ -66,13 +66,27 @@ class Fidelity:
 
 
 def logits_of(output: Any, who: str) -> Tensor:
-    if not isinstance(output, Tensor) or output.dim() != 2:
-        shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
+    """The ``(samples, classes)`` logits of a model's output.
+
+    A classifier's ``(N, classes)`` tensor as it is; a language model's ``(N, L, vocab)``
+    logits (or a Hugging Face output's ``.logits``) as one sample per position, so agreement is
+    next-token top-1 agreement.
+
+    Raises:
+        CalibrationError: an output without logits; the message says what to wrap.
+
+    Example:
+        >>> logits_of(torch.zeros(2, 5, 7), "model").shape
+        torch.Size([10, 7])
+    """
+    logits = getattr(output, "logits", output)
+    if not isinstance(logits, Tensor) or logits.dim() < 2:
+        shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(output).__name__
         raise CalibrationError(
-            f"the {who} must return logits of shape (N, classes) for distillation and fidelity, "
-            f"got {shape}; wrap it so that it returns the logits"
+            f"the {who} must return logits of shape (N, classes) or (N, ..., classes) for "
+            f"distillation and fidelity, got {shape}; wrap it so that it returns the logits"
         )
-    return output
+    return logits if logits.dim() == 2 else logits.reshape(-1, logits.shape[-1])
 
 
 def kl_div(student: Tensor, teacher: Tensor, temperature: float = 1.0) -> Tensor:

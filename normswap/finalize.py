@@ -181,6 +181,11 @@ _BATCHNORMS = {(2, 3): nn.BatchNorm1d, (4,): nn.BatchNorm2d, (5,): nn.BatchNorm3
 
 
 def _frozen(module: nn.Module) -> nn.Module | str:
+    if module.center or module.channels_last:
+        return (
+            "a frozen LayerNorm (centred per position, or channels last): no plain torch module "
+            "computes it (it exports and scripts as it is)"
+        )
     cls = _BATCHNORMS.get(tuple(getattr(module, "input_ranks", None) or ()))
     if cls is None:
         return (

@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -115,10 +116,14 @@ class BlendSchedule:
 
 def _blend_wrapper(step: NormStep, new: nn.Module) -> nn.Module:
     src = step.source
-    assert src is not None and src.running_mean is not None and src.running_var is not None
-    frozen = FrozenAffine.from_statistics(
-        src.running_mean, src.running_var, src.eps, src.weight, src.bias
-    ).train(src.training)
+    assert src is not None
+    if src.over == "batch":  # a BatchNorm: its eval-mode affine, frozen
+        assert src.running_mean is not None and src.running_var is not None
+        frozen: nn.Module = FrozenAffine.from_statistics(
+            src.running_mean, src.running_var, src.eps, src.weight, src.bias
+        ).train(src.training)
+    else:  # any other norm: a frozen copy of it, as pretrained
+        frozen = copy.deepcopy(src.module).requires_grad_(False)
     return BlendNorm(frozen, new, alpha=0.0).train(src.training)
 
 
@@ -167,7 +172,10 @@ def plan_progressive(
     missing = [
         (s.paths[0], "has no running statistics: there is no pretrained affine to blend from")
         for s in the_plan.norm_steps
-        if s.decision.action == REPLACE and s.source is not None and not s.source.has_statistics
+        if s.decision.action == REPLACE
+        and s.source is not None
+        and s.source.over == "batch"
+        and not s.source.has_statistics
     ]
     if missing:
         lines = "\n".join(f"  - {p}: {m}" for p, m in missing)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from normswap.families.base import (
@@ -14,6 +15,8 @@ from normswap.families.base import (
     Family,
     NormContext,
     Target,
+    factory,
+    layout_problem,
     new_eps,
     new_requires_grad,
     register_family,
@@ -58,14 +61,27 @@ class FrozenTarget(Target):
 
     def decide(self, src: SourceNorm, spec: NormSpec, ctx: NormContext) -> Decision:
         """Freeze ``src``, or refuse one without running statistics."""
+        if src.over == "channels":  # a LayerNorm/RMSNorm: its scale fixed, fitted from data
+            problem = layout_problem("FrozenAffine", src, ctx, spans_positions=False)
+            if problem:
+                return Decision(REPLACE, "FrozenAffine", problem=problem)
+            return Decision(
+                REPLACE,
+                "FrozenAffine",
+                eps=None,
+                note=(
+                    f"{'the mean subtracted per position and ' if src.center else ''}the scale "
+                    "fixed: 1 until fitted on data (normswap.calibrate, convert_pretrained)"
+                ),
+            )
         if src.over != "batch":
             return Decision(
                 REPLACE,
                 "FrozenAffine",
                 problem=(
-                    f"{src.kind} normalizes each sample with its own statistics, which no fixed "
-                    "affine reproduces; 'frozen' freezes a BatchNorm's running statistics: "
-                    "exclude it, or choose another target"
+                    f"{src.kind} normalizes each sample with its own statistics over the "
+                    "positions, which no fixed affine reproduces; 'frozen' freezes a BatchNorm's "
+                    "running statistics (a LayerNorm's scale): exclude it, or choose another target"
                 ),
             )
         if not src.has_statistics:
@@ -83,7 +99,22 @@ class FrozenTarget(Target):
         return Decision(REPLACE, "FrozenAffine", eps=new_eps(src, spec), note=note)
 
     def build(self, src: SourceNorm, spec: NormSpec, decision: Decision) -> nn.Module:
-        """The affine ``γ / sqrt(σ² + ε)``, ``β − μ γ / sqrt(σ² + ε)`` as a FrozenAffine."""
+        """The affine ``γ / sqrt(σ² + ε)``, ``β − μ γ / sqrt(σ² + ε)`` as a FrozenAffine (a
+        LayerNorm's: centred per position, ``γ``, ``β`` at a scale of 1)."""
+        if src.over == "channels":
+            new = FrozenAffine(
+                src.num_channels,
+                requires_grad=new_requires_grad(src, spec),
+                center=src.center,
+                channels_last=src.channels_last,
+                **factory(src),
+            )
+            with torch.no_grad():
+                if src.weight is not None:
+                    new.weight.copy_(src.weight)
+                if src.bias is not None:
+                    new.bias.copy_(src.bias)
+            return new.train(src.training)
         assert src.running_mean is not None and src.running_var is not None
         assert decision.eps is not None
         new = FrozenAffine.from_statistics(

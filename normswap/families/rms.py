@@ -143,7 +143,14 @@ class RMSNormTarget(Target):
                     f"RMSNorm exactly; {src.kind} is not one: exclude it, or use center='none'"
                 ),
             )
-        found: center.CenterAnalysis = ctx.analysis
+        found = ctx.analysis
+        if not isinstance(found, center.CenterAnalysis):  # another problem stopped it: listed
+            return Decision(
+                REPLACE,
+                "RMSNorm",
+                problem="center='fold' needs the model's value graph, which the other problems "
+                "listed kept from being recorded",
+            )
         why = found.problems.get(ctx.path)
         if why is not None:
             if spec.uncentrable == "keep":

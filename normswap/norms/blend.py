@@ -1,4 +1,4 @@
-"""A norm on its way from a pretrained BatchNorm to another norm, moved by ``alpha``.
+"""A norm on its way from a pretrained norm to another norm, moved by ``alpha``.
 
 Converting a pretrained model all at once changes every layer's output at once. A
 :class:`BlendNorm` holds the BatchNorm's eval-mode affine (a :class:`~normswap.FrozenAffine`,
@@ -16,7 +16,9 @@ LayerNorm, InstanceNorm without running statistics, LayerNorm2d) the blend inste
 *statistics*: it normalizes with ``μ_α = (1 − α)·μ₀ + α·μ(x)`` and
 ``σ²_α = (1 − α)·σ₀² + α·(σ²(x) + eps)`` and applies the target's own affine, where ``μ₀, σ₀²``
 are the statistics that make the target's affine reproduce the frozen BatchNorm. Every ``α``
-is then a normalization the network cannot escape by rescaling. Other targets mix outputs.
+is then a normalization the network cannot escape by rescaling. Other targets mix outputs, and so
+do blends that start from a norm other than a BatchNorm (a pretrained LayerNorm, kept frozen as it
+was: at ``alpha = 0`` the model is the pretrained one).
 """
 
 from __future__ import annotations
@@ -116,7 +118,8 @@ class BlendNorm(nn.Module):
     per-sample statistics, and the target's affine.
 
     Args:
-        frozen: the pretrained BatchNorm as a frozen affine.
+        frozen: the pretrained norm, frozen: a BatchNorm as a frozen affine, or any other norm
+            module (a LayerNorm's frozen copy), whose outputs are mixed with the target's.
         target: the new norm layer.
         alpha: the starting mix.
 
@@ -130,14 +133,16 @@ class BlendNorm(nn.Module):
         True
     """
 
-    def __init__(self, frozen: FrozenAffine, target: nn.Module, alpha: float = 0.0) -> None:
+    def __init__(self, frozen: nn.Module, target: nn.Module, alpha: float = 0.0) -> None:
         super().__init__()
         self.frozen = frozen
         self.target = target
-        factory = {"device": frozen.weight.device, "dtype": frozen.weight.dtype}
-        self.register_buffer("alpha", torch.tensor(0.0, device=factory["device"]))
-        self.register_buffer("mean0", torch.zeros(frozen.num_channels, **factory))
-        self.register_buffer("var0", torch.ones(frozen.num_channels, **factory))
+        tensor = next(iter([*frozen.parameters(), *frozen.buffers()]), torch.zeros(()))
+        self.register_buffer("alpha", torch.tensor(0.0, device=tensor.device))
+        if _affine_start(frozen):
+            factory = {"device": tensor.device, "dtype": tensor.dtype}
+            self.register_buffer("mean0", torch.zeros(frozen.num_channels, **factory))
+            self.register_buffer("var0", torch.ones(frozen.num_channels, **factory))
         self.inexact_channels = 0
         self.anchor()
         self.set_alpha(alpha)
@@ -150,7 +155,7 @@ class BlendNorm(nn.Module):
             >>> BlendNorm(FrozenAffine(2), nn.Identity()).mixes_statistics
             False
         """
-        return BLEND_STATISTICS.lookup(self.target) is not None
+        return _affine_start(self.frozen) and BLEND_STATISTICS.lookup(self.target) is not None
 
     def anchor(self) -> int:
         """Set ``mean0``/``var0`` so that ``alpha = 0`` reproduces the frozen affine.
@@ -167,6 +172,8 @@ class BlendNorm(nn.Module):
             >>> BlendNorm(FrozenAffine(3), nn.GroupNorm(1, 3)).anchor()
             0
         """
+        if not _affine_start(self.frozen):  # outputs are mixed: nothing to anchor
+            return 0
         weight, bias = _affine(self.target, self.frozen.num_channels, self.mean0)
         if self.mean0.device.type == "meta":
             return 0
@@ -218,7 +225,7 @@ class BlendNorm(nn.Module):
         alpha = self._alpha
         if alpha >= 1.0:
             return self.target(x)
-        rule = BLEND_STATISTICS.lookup(self.target)
+        rule = BLEND_STATISTICS.lookup(self.target) if self.mixes_statistics else None
         stats = None if rule is None or alpha <= 0.0 else rule(self.target, x)
         if rule is None or (stats is None and alpha > 0.0):
             if alpha <= 0.0:
@@ -243,6 +250,11 @@ class BlendNorm(nn.Module):
         """Describe the mix."""
         how = "statistics" if self.mixes_statistics else "outputs"
         return f"alpha={self._alpha:.4g}, mixes={how}"
+
+
+def _affine_start(frozen: nn.Module) -> bool:
+    """Whether a blend starts from a BatchNorm's frozen affine (statistics can be mixed)."""
+    return isinstance(frozen, FrozenAffine) and not frozen.center and not frozen.channels_last
 
 
 def _affine(target: nn.Module, channels: int, like: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,12 +1,13 @@
-"""A frozen per-channel affine: what an eval-mode BatchNorm computes, as two tensors."""
+"""A frozen per-channel affine: what an eval-mode BatchNorm computes, as two tensors; and a
+LayerNorm whose statistics are fixed (its mean subtracted per position, its scale fixed)."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
-from normswap.errors import SpecError
-from normswap.norms.common import is_positive_int, refuse_input
+from normswap.errors import NormSwapError, SpecError
+from normswap.norms.common import is_positive_int, refuse_input, where
 
 __all__ = ["FrozenAffine"]
 
@@ -19,13 +20,20 @@ class FrozenAffine(nn.Module):
     calls FrozenBatchNorm, without keeping the statistics apart). It does not depend on the batch,
     computes the same in train and eval mode, and is exact for a pretrained model. ``weight`` and
     ``bias`` are Parameters, frozen (``requires_grad=False``) unless made trainable. Any input
-    rank >= 2 with channels in dim 1; the output keeps the input's memory format.
+    rank >= 2 with channels in dim 1 (or last, ``channels_last=True``); the output keeps the
+    input's memory format.
+
+    ``center=True`` subtracts each position's mean over the channels first: a LayerNorm whose
+    division by each token's standard deviation is replaced by a fixed scale, ``weight · (x −
+    mean_c(x)) + bias`` — linear in ``x`` (the "LN-free" transformer of Heimersheim, 2024).
 
     Args:
         num_channels: number of channels ``C``.
         device: factory kwarg for the parameters.
         dtype: factory kwarg for the parameters.
         requires_grad: whether ``weight`` and ``bias`` train.
+        center: subtract each position's mean over the channels (a frozen LayerNorm).
+        channels_last: the channel axis is the last dim, ``(N, *S, C)``.
 
     Example:
         >>> bn = nn.BatchNorm2d(4).eval()
@@ -45,6 +53,9 @@ class FrozenAffine(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         requires_grad: bool = False,
+        *,
+        center: bool = False,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         if not is_positive_int(num_channels):
@@ -52,6 +63,8 @@ class FrozenAffine(nn.Module):
                 f"FrozenAffine: num_channels must be a positive int, got {num_channels!r}"
             )
         self.num_channels = num_channels
+        self.center = bool(center)
+        self.channels_last = bool(channels_last)
         #: Input ranks the BatchNorm it stands for accepted (``(4,)`` for BatchNorm2d), when
         #: known: :func:`normswap.finalize` picks the plain BatchNormNd from it.
         self.input_ranks: tuple[int, ...] | None = None
@@ -104,7 +117,10 @@ class FrozenAffine(nn.Module):
         """
         if not torch.jit.is_scripting():
             self._check(x)
-        view = [1, -1] + [1] * (x.dim() - 2)
+        dim = x.dim() - 1 if self.channels_last else 1
+        if self.center:
+            x = x - x.mean(dim, keepdim=True)
+        view = [-1] + [1] * (x.dim() - 1 - dim)
         weight, bias = self.weight.view(view), self.bias.view(view)
         if weight.dtype != x.dtype:  # autocast: follow the activation's dtype, as BN's output does
             weight, bias = weight.to(x.dtype), bias.to(x.dtype)
@@ -116,9 +132,20 @@ class FrozenAffine(nn.Module):
 
     @torch.jit.unused
     def _check(self, x: Tensor) -> None:
+        if self.channels_last:
+            if x.dim() < 2 or x.shape[-1] != self.num_channels:
+                raise NormSwapError(
+                    f"{where(self)}: FrozenAffine(channels_last=True) was built for "
+                    f"{self.num_channels} channels in the last dim, got input of shape "
+                    f"{tuple(x.shape)}"
+                )
+            return
         if x.dim() < 2 or x.shape[1] != self.num_channels:
             refuse_input(self, x, self.num_channels, min_dim=2)
 
     def extra_repr(self) -> str:
-        """Describe the layer: channels and whether it trains."""
-        return f"{self.num_channels}, requires_grad={self.weight.requires_grad}"
+        """Describe the layer: channels, whether it trains, centring and layout."""
+        extra = (", center=True" if self.center else "") + (
+            ", channels_last=True" if self.channels_last else ""
+        )
+        return f"{self.num_channels}, requires_grad={self.weight.requires_grad}{extra}"

@@ -217,6 +217,15 @@ def describe_frozen_affine(module: nn.Module) -> SourceNorm:
         >>> src.over, src.eps, src.running_var.tolist()
         ('batch', 0.0, [1.0, 1.0, 1.0, 1.0])
     """
+    if getattr(module, "center", False):  # a frozen LayerNorm: centred per position, fixed scale
+        return per_sample_record(
+            module,
+            num_channels=module.num_channels,
+            eps=0.0,
+            over="channels",
+            channels_last=module.channels_last,
+            normalized_shape=(module.num_channels,) if module.channels_last else None,
+        )
     device, dtype = device_dtype(module)
     c = int(module.num_channels)
     return SourceNorm(

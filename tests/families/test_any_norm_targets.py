@@ -100,9 +100,10 @@ def test_renames_are_exact_and_say_so(
     torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_frozen_needs_batch_statistics() -> None:
+def test_frozen_refuses_statistics_over_positions() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.GroupNorm(2, 8))
     with pytest.raises(SwapError, match="which no fixed affine reproduces"):
-        normswap.swap(Tokens(), "frozen", replace="ln")
+        normswap.swap(model, "frozen", replace="gn")
 
 
 def test_adalin_refuses_a_channels_last_norm() -> None:
@@ -192,3 +193,41 @@ def test_a_converted_model_converts_again_keeping_the_modules_after_its_norms() 
     acts = [m for m in model.modules() if type(m).__name__ == "LayerNormAct"]
     assert acts and all(hasattr(m, "act") for m in acts)
     model(torch.randn(1, 3, 32, 32)).sum().backward()
+
+
+def test_frozen_from_a_layernorm_is_the_layernorm_with_its_scale_fixed() -> None:
+    """'frozen' from a LayerNorm: the mean still subtracted per token, the division by each
+    token's deviation replaced by a fixed per-channel scale that calibration fits on data."""
+    reference = _random(Tokens(16))
+    model = copy.deepcopy(reference)
+    report = normswap.swap(model, "frozen", replace="ln")
+    assert "scale fixed" in report[0].note
+    layer = model.norm
+    assert isinstance(layer, normswap.FrozenAffine) and layer.center and layer.channels_last
+    h = torch.randn(3, 5, 16)
+    expected = (h - h.mean(-1, keepdim=True)) * layer.weight + layer.bias
+    torch.testing.assert_close(layer(h), expected)
+    x = torch.randn(256, 7, 4) * 3
+    fit = normswap.calibrate(model, reference, x)[0]
+    assert fit.error_after < 0.5 * fit.error_before
+    assert "a frozen LayerNorm" in normswap.finalize(model.eval()).kept()["norm"]
+
+
+@pytest.mark.parametrize("target", ["dyt", "derf", "rms", "frozen", "gn"])
+def test_progressive_from_a_layernorm_starts_as_the_pretrained_model(target: str) -> None:
+    reference = _random(ChannelsLastMap()) if target == "gn" else _random(Tokens())
+    x = torch.randn(2, 3, 6, 6) if target == "gn" else torch.randn(3, 5, 4)
+    model = copy.deepcopy(reference)
+    options = {"num_groups": 2, "example_inputs": x} if target == "gn" else {}
+    if target == "frozen":
+        options["trainable"] = True  # the staged removal of the LN-free GPT-2 trains it
+    normswap.swap_progressive(model, target, replace="ln", **options)
+    assert isinstance(model.norm, normswap.BlendNorm) and not model.norm.mixes_statistics
+    torch.testing.assert_close(model(x), reference(x))  # alpha = 0: the pretrained model
+    normswap.set_blend(model, 0.5)
+    model(x).sum().backward()
+    assert model.norm.target.weight.grad is not None  # the target trains during the ramp
+    assert all(p.grad is None for p in model.norm.frozen.parameters())  # the start is frozen
+    normswap.set_blend(model, 1.0)
+    normswap.finish_blend(model)
+    assert not isinstance(model.norm, normswap.BlendNorm)

@@ -184,3 +184,28 @@ def test_restore_into_a_model_that_does_not_fit_refuses_and_changes_nothing() ->
     with pytest.raises(NormSwapError, match=r"do not fit.*missing: 0\.parametrizations"):
         normswap.restore(target, {"normswap": record, "state_dict": source.state_dict()})
     assert_untouched(before, target)
+
+
+class _Branchy(nn.Module):
+    """A forward torch.fx cannot trace (it branches on a value)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(2)
+        self.bn = nn.BatchNorm1d(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.ln(x)
+        return self.bn(y) if bool(y.sum() > 0) else y
+
+
+def test_center_fold_with_another_problem_in_the_plan_lists_it() -> None:
+    """Found by the swap property: BatchNorm and LayerNorm replaced by an exact RMSNorm without
+    example inputs, on a model torch.fx cannot trace: the trace's problem stopped the whole-model
+    analysis, and the LayerNorm's decision crashed on the missing analysis."""
+    model = _Branchy()
+    before = snapshot(model)
+    with pytest.raises(SwapError, match=r"torch\.fx cannot trace") as err:
+        normswap.swap(model, "rms", center="fold", replace=("bn", "ln"))
+    assert "value graph" in str(err.value)
+    assert_untouched(before, model)

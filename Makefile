@@ -19,6 +19,7 @@ PIP_INSTALL_FLAGS := $(if $(CI),--progress-bar off,)
 export TORCH_HOME ?= $(CURDIR)/.cache/torch
 
 .PHONY: help venv assets lint format test fuzz demo demo-pretrained bench bench-grid bench-fidelity \
+	pretrained-transformers bench-transformers \
 	clean distclean
 
 help: ## list the targets
@@ -73,6 +74,12 @@ bench-grid: venv assets ## step time of every target over the whole grid (about 
 	  --name step_time_full_224
 	$(PY) benchmarks/step_grid.py benchmarks/results/step_time_full_64.json \
 	  benchmarks/results/step_time_full_224.json
+
+pretrained-transformers: venv assets ## train the small ViT and GPT of transformers_fidelity.py (.cache/pretrained/, ~8 min each)
+	$(PY) benchmarks/pretrain_transformers.py vit & $(PY) benchmarks/pretrain_transformers.py gpt; wait
+
+bench-transformers: pretrained-transformers ## LayerNorm -> DyT/Derf/RMS/frozen on the ViT and GPT: fidelity and transfer
+	$(PY) benchmarks/transformers_fidelity.py
 
 bench-fidelity: venv assets ## pretrained conversion: transfer grid (hours), out-of-domain agreement, fidelity
 	$(PY) benchmarks/transfer.py --methods gn_convert --batches 2 --lrs 1e-4 --seeds 0 --reference-batch 0

@@ -100,6 +100,7 @@ from normswap.progressive import (
 )
 from normswap.record import restore, surgery_record
 from normswap.report import SwapRecord, SwapReport
+from normswap.small import tiny_gpt, tiny_vit
 from normswap.sources import (
     SOURCE_KINDS,
     SourceNorm,
@@ -215,6 +216,8 @@ __all__ = [
     "swap",
     "swap_progressive",
     "synthesize",
+    "tiny_gpt",
+    "tiny_vit",
     "trace",
     "unregister_family",
     "weight_norm",

@@ -256,7 +256,7 @@ def _parser() -> argparse.ArgumentParser:
             "--source",
             default="torchvision",
             choices=list(ZOOS),
-            help="the model zoo: torchvision or timm (pretrained=False)",
+            help="the model zoo: torchvision, timm (pretrained=False), normswap (tiny_vit, ...)",
         )
         p.add_argument("--to", choices=list_norms(), help="target norm")
         p.add_argument(

@@ -22,6 +22,7 @@ from torch import nn
 from normswap.errors import ModelError
 from normswap.meta import init_on_meta
 from normswap.registry import Registry
+from normswap.small import SMALL_CLASSIFIERS, SMALL_MODELS
 
 __all__ = ["ZOOS", "ModelError", "ModelZoo", "build_model", "list_zoo_models", "replace_head"]
 
@@ -37,6 +38,8 @@ class ModelZoo:
         named_weights: loads a model with weights by name (``None``: the zoo has none offline).
         requires: the package the zoo needs, named in the error when it is missing.
         classifiers: lists the image-classification models among ``names`` (default: all).
+        takes_image_size: its classifiers are built for one input size, passed as
+            ``image_size=`` (the app's ``model.input_size``).
 
     Example:
         >>> ZOOS.get("torchvision").create("resnet18", num_classes=3).fc.out_features
@@ -49,6 +52,7 @@ class ModelZoo:
     named_weights: Callable[..., nn.Module] | None = None
     requires: str = ""
     classifiers: Callable[[], list[str]] | None = None
+    takes_image_size: bool = False
 
     def classifier_names(self) -> list[str]:
         """The image-classification model names of the zoo.
@@ -128,6 +132,19 @@ ZOOS.register(
     ),
 )
 ZOOS.register("timm", ModelZoo("timm", _timm_names, _timm_create, None, requires="timm"))
+
+
+ZOOS.register(
+    "normswap",
+    ModelZoo(
+        "normswap",
+        lambda: sorted(SMALL_MODELS),
+        lambda name, **kwargs: SMALL_MODELS.get(name)(**kwargs),
+        None,
+        classifiers=lambda: list(SMALL_CLASSIFIERS),
+        takes_image_size=True,
+    ),
+)
 
 
 def list_zoo_models(source: str = "torchvision") -> list[str]:

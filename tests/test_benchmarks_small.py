@@ -81,3 +81,49 @@ def test_ood_small_mode_separates_the_domains(tmp_path: Path) -> None:
     assert sum(k.startswith("in-domain") for k in judged) == 2
     assert sum(k.startswith("out-of-domain") for k in judged) == 2
     assert "out-of-domain: flower.jpg crops" in (tmp_path / "ood_small.md").read_text()
+
+
+def test_transformers_small_mode_runs_every_target_and_method(tmp_path: Path) -> None:
+    bench = _module("transformers_fidelity")
+    _run("transformers_fidelity.py", tmp_path)
+    table = json.loads((tmp_path / "transformers_small_fidelity.json").read_text())
+    pairs = bench._pairs()
+    for model in ("vit", "gpt"):
+        fid = {(r["target"], r["method"]): r for r in table["fidelity"] if r["model"] == model}
+        assert set(fid) == set(pairs)
+        exact = fid[("rms_fold", "copy")]
+        # Folding the centring into the writers is exact: every prediction kept.
+        assert all(exact[k] == 1.0 for k in exact if k.endswith("_agreement"))
+        if model == "gpt":
+            assert exact["code_ppl"] == pytest.approx(exact["code_ppl_ref"], rel=1e-4)
+        starts = {(r["target"], r["method"]) for r in table["transfer"] if r["model"] == model}
+        assert starts == {("ln", "original"), *pairs}
+    assert (tmp_path / "transformers_small_fidelity.png").stat().st_size > 0
+
+
+def test_transformers_report_picks_by_validation_and_lower_perplexity_is_better() -> None:
+    bench = _module("transformers_fidelity")
+    rows = [
+        {
+            "part": "transfer",
+            "model": m,
+            "target": "dyt",
+            "method": "copy",
+            "lr": lr,
+            "seed": s,
+            "val": val,
+            "test": test,
+        }
+        for m in ("vit", "gpt")
+        for lr, s, val, test in (
+            (1e-3, 0, 0.5, 0.9),
+            (1e-3, 1, 0.6, 0.8),
+            (1e-4, 0, 0.7, 0.6),
+            (1e-4, 1, 0.72, 0.64),
+        )
+    ]
+    picked = {r["model"]: r for r in bench.aggregate(rows)["transfer"]}
+    # The ViT scores accuracy (higher is better), the GPT perplexity (lower is better).
+    assert picked["vit"]["lr"] == 1e-4 and picked["vit"]["test_mean"] == pytest.approx(0.62)
+    assert picked["gpt"]["lr"] == 1e-3 and picked["gpt"]["test_mean"] == pytest.approx(0.85)
+    assert picked["gpt"]["test_std"] == pytest.approx(math.sqrt(2 * 0.05**2), abs=1e-5)

@@ -90,8 +90,8 @@ def build_classifier(
         name: a classification model name of ``source``.
         num_classes: number of classes of the data.
         in_channels: channels of the data's images (1 for Fashion-MNIST).
-        source: the model zoo: ``"torchvision"`` or ``"timm"`` (``pretrained=False``: timm's
-            weights come as a state-dict file).
+        source: the model zoo: ``"torchvision"``, ``"timm"`` (``pretrained=False``: timm's
+            weights come as a state-dict file) or ``"normswap"`` (:mod:`normswap.small`).
         weights: a torchvision weights name (loaded offline from the torch hub cache) or a
             state-dict file; the classification head is replaced to fit ``num_classes``.
         input_size: the side the network sees (images are resized to it); ``None`` keeps
@@ -105,10 +105,12 @@ def build_classifier(
         32
     """
     names = classification_models(source)
+    sized = {"image_size": input_size} if input_size and ZOOS.get(source).takes_image_size else {}
     if weights is None:
-        net = build_model(name, source=source, names=names, num_classes=num_classes)
+        net = build_model(name, source=source, names=names, num_classes=num_classes, **sized)
     else:
-        net = replace_head(build_model(name, weights, source=source, names=names), num_classes)
+        net = build_model(name, weights, source=source, names=names, **sized)
+        net = replace_head(net, num_classes)
     return AdaptedModel(InputAdapter(in_channels, 3, input_size), net)
 
 

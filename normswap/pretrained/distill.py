@@ -410,7 +410,7 @@ def distill(
 
     optimizer = torch.optim.Adam(params, lr=lr)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=lr, total_steps=steps, pct_start=0.1, final_div_factor=40.0
+        optimizer, max_lr=lr, total_steps=steps, pct_start=_warmup(steps), final_div_factor=40.0
     )
     if blend is not None:
         mix(blend.alpha(0))
@@ -575,6 +575,13 @@ def flush_denormal(device: torch.device | None) -> Iterator[None]:
         yield
     finally:
         torch.set_flush_denormal(previous)
+
+
+def _warmup(steps: int) -> float:
+    """The warm-up fraction of the one-cycle schedule: 10%, but never a warm-up that ends at
+    step 0 (``OneCycleLR`` divides by the warm-up's length in steps minus one: 10 steps at 10%
+    raised ZeroDivisionError)."""
+    return 0.1 if 0.1 * steps != 1 else 2 / steps
 
 
 def _state(model: nn.Module) -> dict[str, Tensor]:

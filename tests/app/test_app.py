@@ -60,7 +60,7 @@ def test_the_shootout_sweeps_every_family_that_trains_from_scratch() -> None:
     assert "frozen" in normswap.list_norms() and "frozen" not in norms
 
 
-@pytest.mark.parametrize("recipe", ["norm_shootout", "small_batch"])
+@pytest.mark.parametrize("recipe", ["norm_shootout", "small_batch", "vit_norms"])
 def test_comparison_recipes_run_every_setting_with_three_seeds(recipe: str) -> None:
     runs = recipe_sweep(recipe)
     settings = {tuple(sorted((k, v) for k, v in run.items() if k != "seed")) for run in runs}
@@ -103,6 +103,7 @@ def test_groups_have_the_documented_options() -> None:
         "norm_shootout",
         "pretrained_gn",
         "small_batch",
+        "vit_norms",
     ]
 
 
@@ -457,3 +458,15 @@ def test_recipe_norm_options_compose_with_norm_bn(tmp_path: Path) -> None:
     assert cfg.norm.calibrate is True and build_norm_callback(cfg.norm) is None
     gn = build_norm_callback(_compose(["+recipe=pretrained_gn"], tmp_path).norm)
     assert gn.calibrate.keywords == {"steps": 200} and gn.calibrate_batches == 64
+
+
+def test_vit_norms_replaces_the_layernorms_of_a_tiny_vit(tmp_path: Path) -> None:
+    norms = {run["norm"] for run in recipe_sweep("vit_norms")}
+    assert norms == {"bn", "rms", "dyt", "derf", "frozen"}
+    cfg = _compose(["+recipe=vit_norms", "norm=dyt"], tmp_path)
+    model = instantiate(cfg.model)(num_classes=10, in_channels=1)
+    assert type(model.net).__name__ == "VisionTransformer" and model.adapter.size == 28
+    callback = build_norm_callback(cfg.norm)
+    assert callback.replace == ("ln",) and callback.spec.name == "dyt"
+    report = normswap.swap(model, callback.spec, replace=callback.replace)
+    assert report.counts() == {"LayerNorm -> DyT": 9}  # two per block, one at the end

@@ -28,6 +28,16 @@ class LitClassifier(pl.LightningModule):
                 nn.Flatten(),
                 nn.Linear(8, 10),
             )
+        elif arch == "tiny_vit":  # LayerNorms over tokens: 16 patches of 16 px
+            net = normswap.tiny_vit(
+                10,
+                image_size=64,
+                patch_size=16,
+                num_layers=1,
+                num_heads=2,
+                hidden_dim=16,
+                mlp_dim=32,
+            )
         else:
             net = torchvision.models.get_model(arch, weights=None, num_classes=10)
         self.model: nn.Module = torch.compile(net) if compile else net

@@ -91,11 +91,25 @@ def _same_batches() -> DataLoader:
     return DataLoader(TensorDataset(x.repeat(2, 1, 1, 1), y.repeat(2)), batch_size=4)
 
 
-def _fit(tmp_path: Path, steps: int, ckpt: Path | None = None, save: Path | None = None):
+#: (arch, NormSwap arguments): a BatchNorm model to GroupNorm, a LayerNorm ViT to DyT.
+RAMPS = {
+    "bn->gn": ("tiny", {"spec": "gn", "num_groups": 4}),
+    "ln->dyt": ("tiny_vit", {"spec": "dyt", "replace": "ln"}),
+}
+
+
+def _fit(
+    tmp_path: Path,
+    steps: int,
+    ckpt: Path | None = None,
+    save: Path | None = None,
+    ramp: str = "bn->gn",
+):
     torch.manual_seed(0)
-    module = LitClassifier("tiny")
-    swap = NormSwap("gn", num_groups=4, progressive=4)
-    record = Record(torch.zeros(1, 3, 8, 8))
+    arch, options = RAMPS[ramp]
+    module = LitClassifier(arch)
+    swap = NormSwap(**options, progressive=4)
+    record = Record(torch.zeros(1, 3, 64, 64))
     trainer_ = trainer(tmp_path, max_steps=steps, callbacks=[swap, record])
     with pytest.warns(UserWarning, match="before the schedule's end") if steps < 4 else _noop():
         trainer_.fit(module, _same_batches(), ckpt_path=ckpt)
@@ -113,16 +127,17 @@ class _noop:
         return None
 
 
-def test_resume_mid_schedule_equals_an_uninterrupted_run(tmp_path: Path) -> None:
-    whole = _fit(tmp_path / "a", 6)
+@pytest.mark.parametrize("ramp", RAMPS)
+def test_resume_mid_schedule_equals_an_uninterrupted_run(tmp_path: Path, ramp: str) -> None:
+    whole = _fit(tmp_path / "a", 6, ramp=ramp)
     ckpt = tmp_path / "mid.ckpt"
-    half = _fit(tmp_path / "b", 2, save=ckpt)  # 2 of 4 ramp steps: still blended
+    half = _fit(tmp_path / "b", 2, save=ckpt, ramp=ramp)  # 2 of 4 ramp steps: still blended
     assert normswap.blend_layers(half)
     saved = torch.load(ckpt, weights_only=True)
     state = next(v for k, v in saved["callbacks"].items() if k.startswith("NormSwap"))
     assert state["progressive"]["finished"] is False
     assert any(k.endswith(".alpha") for k in saved["state_dict"])
-    resumed = _fit(tmp_path / "c", 6, ckpt=ckpt)
+    resumed = _fit(tmp_path / "c", 6, ckpt=ckpt, ramp=ramp)
     assert whole.alphas == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
     assert half.alphas + resumed.alphas == whole.alphas
     assert not normswap.blend_layers(resumed)
@@ -130,10 +145,11 @@ def test_resume_mid_schedule_equals_an_uninterrupted_run(tmp_path: Path) -> None
         torch.testing.assert_close(resumed.state_dict()[key], value, atol=1e-6, rtol=1e-5)
 
 
-def test_restore_rebuilds_an_unfinished_blend(tmp_path: Path) -> None:
+@pytest.mark.parametrize("ramp", RAMPS)
+def test_restore_rebuilds_an_unfinished_blend(tmp_path: Path, ramp: str) -> None:
     ckpt = tmp_path / "mid.ckpt"
-    half = _fit(tmp_path / "b", 2, save=ckpt)
-    fresh = LitClassifier("tiny")
+    half = _fit(tmp_path / "b", 2, save=ckpt, ramp=ramp)
+    fresh = LitClassifier(RAMPS[ramp][0])
     normswap.restore(fresh, ckpt)
     x = torch.randn(2, 3, 64, 64)
     half.eval(), fresh.eval()

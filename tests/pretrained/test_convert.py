@@ -193,3 +193,12 @@ def test_bad_progressive_arguments_modify_nothing(kwargs, error, match):
         convert_pretrained(model, spec, _inputs(64, 2), progress=False, num_groups=4, **kwargs)
     assert list(model.state_dict()) == list(before)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_ten_distillation_steps_run() -> None:
+    """Regression: a 10-step one-cycle schedule at 10% warm-up divided by zero in torch."""
+    model = _teacher()
+    result = convert_pretrained(
+        model, "gn", _inputs(64, 2), distill_steps=10, progress=False, num_groups=4
+    )
+    assert result.distillation.steps == 10

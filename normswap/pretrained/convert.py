@@ -37,7 +37,13 @@ from normswap.inputs import (
 from normswap.modes import restore_training_flags, training_flags
 from normswap.pretrained.adapt import adapt_statistics
 from normswap.pretrained.calibrate import CalibrationReport, calibrate, check_runs
-from normswap.pretrained.distill import DistillCheck, DistillReport, distill, flush_denormal
+from normswap.pretrained.distill import (
+    DistillCheck,
+    DistillReport,
+    distill,
+    flush_denormal,
+    hflip,
+)
 from normswap.pretrained.fidelity import Fidelity, fidelity
 from normswap.pretrained.structure import converted_layers
 from normswap.progressive import (
@@ -160,6 +166,7 @@ def convert_pretrained(
     adapt_teacher: bool = False,
     ood_data: Any = None,
     replace: str | Iterable[str] | None = None,
+    augment: Callable[[Tensor], Tensor] | None = hflip,
     **overrides: Any,
 ) -> ConversionResult:
     """Swap ``model``'s norms for ``spec`` and bring it back to its pretrained behaviour.
@@ -208,6 +215,8 @@ def convert_pretrained(
         ood_data: inputs from sources that no step sees (neither calibration, distillation,
             nor early stopping); the result's ``ood_fidelity`` is measured on them.
         replace: the source kinds to convert (``"bn"`` by default; see :func:`normswap.swap`).
+        augment: applied to each distillation batch, teacher and student alike (default:
+            random horizontal flips; ``None`` for none; see :func:`~normswap.distill.distill`).
         **overrides: spec field overrides, e.g. ``num_groups=16``.
 
     Returns:
@@ -317,6 +326,7 @@ def convert_pretrained(
                     on_check=on_check,
                     progress=progress,
                     batch_to_input=batch_to_input,
+                    augment=augment,
                     blend=BlendSchedule(end=max(1, round(progressive * steps)))
                     if progressive
                     else None,

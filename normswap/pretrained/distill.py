@@ -166,11 +166,14 @@ class DistillReport:
 def hflip(x: Tensor) -> Tensor:
     """Flip each image of ``x`` (``(N, C, H, W)``) horizontally with probability 1/2.
 
+    Anything that is not a batch of floating-point images (token ids, ``(N, T, C)`` sequences,
+    1-D signals) is returned as it is: flipping them would change what they mean.
+
     Example:
         >>> hflip(torch.zeros(2, 3, 4, 4)).shape
         torch.Size([2, 3, 4, 4])
     """
-    if x.dim() < 3:
+    if x.dim() < 4 or not x.is_floating_point():
         return x
     flip = torch.rand(x.shape[0], device=x.device) < 0.5
     return torch.where(flip.view(-1, *([1] * (x.dim() - 1))), x.flip(-1), x)

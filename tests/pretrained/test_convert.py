@@ -202,3 +202,23 @@ def test_ten_distillation_steps_run() -> None:
         model, "gn", _inputs(64, 2), distill_steps=10, progress=False, num_groups=4
     )
     assert result.distillation.steps == 10
+
+
+def test_augment_reaches_every_distillation_batch() -> None:
+    seen: list[tuple[int, ...]] = []
+
+    def record(x: torch.Tensor) -> torch.Tensor:
+        seen.append(tuple(x.shape))
+        return x
+
+    result = convert_pretrained(
+        _teacher(),
+        "gn",
+        _inputs(64, 2),
+        distill_steps=6,
+        augment=record,
+        progress=False,
+        num_groups=4,
+    )
+    assert result.distillation.steps == 6
+    assert len(seen) == 6 and all(len(s) == 4 for s in seen)

@@ -177,6 +177,20 @@ def test_hflip_flips_about_half():
     assert torch.equal(hflip(torch.ones(3, 4)), torch.ones(3, 4))
 
 
+@pytest.mark.parametrize(
+    "x",
+    [
+        torch.arange(64).view(4, 16),  # token ids
+        torch.arange(4 * 8 * 6.0).view(4, 8, 6),  # (N, T, C) embeddings
+        torch.arange(4 * 3 * 5 * 5).view(4, 3, 5, 5),  # integer images
+    ],
+    ids=["tokens", "sequence", "integer"],
+)
+def test_hflip_leaves_what_is_not_a_float_image_batch_alone(x):
+    torch.manual_seed(0)
+    assert torch.equal(hflip(x), x)
+
+
 DDP_SCRIPT = textwrap.dedent(
     """
     import sys, torch, torch.distributed as dist, torch.multiprocessing as mp

@@ -8,9 +8,10 @@ reached by each *method*:
 
 * ``copy``: :func:`normswap.swap` alone (γ/β copied, DyT's α at its init, frozen's scale 1);
 * ``calibrate``: then :func:`normswap.calibrate` (α by a 1-D search, γ/β by least squares,
-  layer by layer) on 256 held-out samples of the training domain;
-* ``distill``: :func:`normswap.convert_pretrained` (calibrate, then distill on held-out data of
-  the training domain, early stopping on another held-out part);
+  layer by layer) on 256 samples of the model's training data;
+* ``distill``: :func:`normswap.convert_pretrained` (calibrate, then distill on the training
+  data with the per-layer feature loss, early stopping on held-out data of the same domain;
+  the ViT's batches are flipped and mixed pairwise, :func:`mix_and_flip`);
 * ``progressive``: ``convert_pretrained(..., progressive=0.5)``: blends that start as the
   LayerNorms and are the calibrated target halfway through distillation. In the transfer
   part, ``progressive`` is instead the blend ramped during fine-tuning (60% of its steps),
@@ -61,7 +62,8 @@ import pretrain_transformers as pt  # noqa: E402
 
 from normswap.pretrained.calibrate import calibrate  # noqa: E402
 from normswap.pretrained.convert import convert_pretrained  # noqa: E402
-from normswap.pretrained.fidelity import fidelity  # noqa: E402
+from normswap.pretrained.distill import hflip  # noqa: E402
+from normswap.pretrained.fidelity import fidelity, logits_of  # noqa: E402
 from normswap.progressive import (  # noqa: E402
     BlendSchedule,
     calibrate_blend,
@@ -100,15 +102,25 @@ class Task:
 
     name: str
     reference: nn.Module
-    convert_data: Tensor  # held-out inputs of the training domain, for calibrate + distill
+    convert_data: Tensor  # inputs of the training domain, for calibrate + distill
     stop_data: Tensor  # held-out inputs for distillation's early stopping
     fidelity_sets: dict[str, Tensor]  # name -> inputs (LM: windows of T + 1 bytes)
     example: Tensor
     lm: bool
     transfer: dict[str, Any] = field(default_factory=dict)
     distill_steps: int = 400
+    feature_weight: float = 1.0
+    augment: Callable[[Tensor], Tensor] | None = None
     tune_steps: int = 150
     tune_batch: int = 32
+
+
+def mix_and_flip(x: Tensor) -> Tensor:
+    """Distillation augmentation for images: random flips, then each image mixed with another
+    of the batch at a random ratio (teacher and student see the same mix)."""
+    x = hflip(x)
+    ratio = torch.rand(x.shape[0], 1, 1, 1, device=x.device)
+    return ratio * x + (1 - ratio) * x[torch.randperm(x.shape[0], device=x.device)]
 
 
 def vit_task(small: bool) -> Task:
@@ -118,6 +130,7 @@ def vit_task(small: bool) -> Task:
     else:
         reference = pt.load("vit")
         n = None
+    train, _ = pt.fmnist("train")
     held, _ = pt.fmnist("held")
     test, _ = pt.fmnist("test")
     digit_x, digit_y = pt.digits()
@@ -130,8 +143,8 @@ def vit_task(small: bool) -> Task:
     return Task(
         name="vit",
         reference=reference,
-        convert_data=held[:4000][:n],
-        stop_data=held[4000:][: n or 1000],
+        convert_data=train[: n or None],
+        stop_data=held[: n or 1000],
         fidelity_sets={
             "fmnist": test[:2000][:n],
             "digits": digit_x[: n or None],
@@ -144,6 +157,7 @@ def vit_task(small: bool) -> Task:
             for split, c in zip(("train", "val", "test"), cut, strict=True)
         },
         distill_steps=4 if small else 600,
+        augment=mix_and_flip,
         tune_steps=3 if small else 150,
         tune_batch=32,
     )
@@ -154,7 +168,7 @@ def gpt_task(small: bool) -> Task:
     code = pt.code_corpus()
     prose = pt.prose_corpus()
     n = 16 if small else None
-    convert = pt.windows(code["val"], 2000, seed=7)[:, :-1]
+    convert = pt.windows(code["train"], 20000, seed=7)[:, :-1]
     stop = pt.tiling(code["val"], limit=200)[:, :-1]
     return Task(
         name="gpt",
@@ -222,6 +236,8 @@ def convert(
             val_data=task.stop_data,
             distill_steps=task.distill_steps,
             progressive=0.5 if method == "progressive" else 0.0,
+            feature_weight=task.feature_weight,
+            augment=task.augment,
             clock=time.process_time,
             progress=False,
         )
@@ -237,7 +253,7 @@ def convert(
     return model.eval(), info
 
 
-def measure(task: Task, model: nn.Module) -> dict[str, float]:
+def measure(task: Task, model: nn.Module, target: str) -> dict[str, float]:
     """Agreement and KL with the original on every fidelity set (and the LM's perplexity)."""
     row: dict[str, float] = {}
     for name, data in task.fidelity_sets.items():
@@ -245,9 +261,91 @@ def measure(task: Task, model: nn.Module) -> dict[str, float]:
         f = fidelity(model, task.reference, list(inputs.split(100)))
         row[f"{name}_agreement"] = round(f.agreement, 5)
         row[f"{name}_kl"] = round(f.kl, 6)
+        row.update(_confident(task, model, inputs, name))
         if task.lm:
             row[f"{name}_ppl"] = round(pt.perplexity(model, data), 5)
             row[f"{name}_ppl_ref"] = round(pt.perplexity(task.reference, data), 5)
+    # rms_fold changed the layers that write each LayerNorm's input: no layer-by-layer error.
+    row.update(limits(task, model, per_layer=target not in EXACT))
+    return row
+
+
+@torch.no_grad()
+def _confident(
+    task: Task, model: nn.Module, inputs: Tensor, name: str, level: float = 0.8
+) -> dict[str, float]:
+    """How sure the original is on a set (its mean top-1 probability), the share of
+    predictions it makes with probability >= ``level``, and the agreement on those."""
+    model.eval()
+    sure, agree = [], []
+    for x in inputs.split(100):
+        ref = logits_of(task.reference(x), "reference").softmax(-1)
+        got = logits_of(model(x), "model").argmax(-1)
+        top, cls = ref.max(-1)
+        sure.append(top)
+        agree.append(got == cls)
+    top, same = torch.cat(sure), torch.cat(agree)
+    confident = top >= level
+    return {
+        f"{name}_ref_conf": round(float(top.mean()), 4),
+        f"{name}_confident": round(float(confident.float().mean()), 4),
+        f"{name}_agreement_confident": round(float(same[confident].float().mean()), 5)
+        if bool(confident.any())
+        else float("nan"),
+    }
+
+
+@torch.no_grad()
+def _norm_inputs(reference: nn.Module, inputs: Tensor) -> dict[str, Tensor]:
+    """The input of every LayerNorm of ``reference`` on ``inputs``, by module path."""
+    seen: dict[str, Tensor] = {}
+    hooks = [
+        m.register_forward_pre_hook(lambda _m, args, path=path: seen.__setitem__(path, args[0]))
+        for path, m in reference.named_modules()
+        if isinstance(m, nn.LayerNorm)
+    ]
+    try:
+        reference(inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+@torch.no_grad()
+def limits(
+    task: Task, model: nn.Module, *, per_layer: bool = True, samples: int = 200
+) -> dict[str, float]:
+    """What limits a pointwise or fixed-scale norm out of domain, measured per fidelity set.
+
+    ``<set>_sigma_out``: the fraction of tokens (over every LayerNorm) whose standard deviation
+    over the channels falls outside the 1st-99th percentile range of the training domain's
+    tokens at that layer: there a fixed α or scale has never been fitted. ``<set>_layer_err``:
+    each converted layer fed the LayerNorm's own input, its squared error against the
+    LayerNorm's output relative to that output's variance, averaged over the layers.
+    """
+    sets = list(task.fidelity_sets.items())
+    first = {n: (d[:samples, :-1] if task.lm else d[:samples]) for n, d in sets}
+    inputs = {n: _norm_inputs(task.reference, x) for n, x in first.items()}
+    home = inputs[sets[0][0]]
+    layers = dict(model.named_modules())
+    norms = dict(task.reference.named_modules())
+    row: dict[str, float] = {}
+    for name, seen in inputs.items():
+        outside, errors = [], []
+        for path, x in seen.items():
+            sigma = x.std(-1, unbiased=False).flatten()
+            lo, hi = torch.quantile(
+                home[path].std(-1, unbiased=False).flatten()[:100_000], torch.tensor([0.01, 0.99])
+            )
+            outside.append(((sigma < lo) | (sigma > hi)).float().mean())
+            if per_layer and path in layers:
+                want = norms[path](x)
+                got = layers[path](x)
+                errors.append(((got - want) ** 2).mean() / want.var().clamp_min(1e-12))
+        row[f"{name}_sigma_out"] = round(float(torch.stack(outside).mean()), 4)
+        if errors:
+            row[f"{name}_layer_err"] = round(float(torch.stack(errors).mean()), 5)
     return row
 
 
@@ -376,7 +474,7 @@ def run(args: argparse.Namespace) -> None:
         if part == "fidelity":
             model, info = convert(task, target, method, args.budget, args.small)
             row.update(info)
-            row.update(measure(task, model))
+            row.update(measure(task, model, target))
         else:
             start = start_of(task, target, method, args.budget, args.small)
             model = fine_tune(task, start, lr, seed)
@@ -463,6 +561,36 @@ def markdown(table: dict[str, Any]) -> str:
                 f"{r['code_ppl']:.4f} ({r['code_ppl_ref']:.4f}) | {r['prose_agreement']:.1%} | "
                 f"{r['prose_ppl']:.4f} ({r['prose_ppl_ref']:.4f}) | {r['convert_cpu_s']} |"
             )
+    lines += [
+        "",
+        "## What limits it out of domain",
+        "",
+        "`σ out`: fraction of tokens whose standard deviation over the channels lies outside "
+        "the 1st-99th percentile of the training domain's at the same LayerNorm (where a fixed "
+        "α or scale was never fitted). `layer err`: each converted layer fed its LayerNorm's "
+        "own input, squared error relative to the LayerNorm output's variance, mean over "
+        "layers (after distillation, which trains every layer to compensate). The original's "
+        "confidence: its mean top-1 probability on the set; then the share of inputs it "
+        "predicts with probability ≥ 0.8, and the agreement on all inputs and on those.",
+        "",
+        "| model | target | method | set | σ out | layer err | original's confidence | "
+        "share ≥ 0.8 | agreement | agreement where ≥ 0.8 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in table["fidelity"]:
+        if r["method"] not in ("calibrate", "distill"):
+            continue
+        for key in r:
+            if key.endswith("_layer_err"):
+                name = key.removesuffix("_layer_err")
+                lines.append(
+                    f"| {r['model']} | {r['target']} | {r['method']} | {name} | "
+                    f"{r[name + '_sigma_out']:.1%} | {r[key]:.3f} | "
+                    f"{r.get(name + '_ref_conf', float('nan')):.2f} | "
+                    f"{r.get(name + '_confident', float('nan')):.1%} | "
+                    f"{r[name + '_agreement']:.1%} | "
+                    f"{r.get(name + '_agreement_confident', float('nan')):.1%} |"
+                )
     lines += [
         "",
         "## Transfer: after fine-tuning on a second task",

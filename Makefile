@@ -18,7 +18,7 @@ PIP_INSTALL_FLAGS := $(if $(CI),--progress-bar off,)
 # puts the MobileNetV2 checkpoint there, so tests and the demo never download anything.
 export TORCH_HOME ?= $(CURDIR)/.cache/torch
 
-.PHONY: help venv assets lint format test fuzz demo demo-pretrained bench bench-grid bench-fidelity \
+.PHONY: help venv assets lint format docs docs-serve test fuzz demo demo-pretrained bench bench-grid bench-fidelity \
 	pretrained-transformers bench-transformers \
 	clean distclean
 
@@ -43,8 +43,18 @@ format: venv ## ruff check --fix, then ruff format
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-test: venv assets ## lint, then the whole pytest suite (slow and ddp tests included)
+# MkDocs 1.6 under Material 9.8 prints a notice about MkDocs 2.0 on every run; it is not ours.
+MKDOCS := NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs
+
+docs: venv ## build the documentation site into site/ (strict: any warning fails)
+	$(MKDOCS) build --strict
+
+docs-serve: venv ## serve the documentation at http://127.0.0.1:8000, rebuilt on every edit
+	$(MKDOCS) serve
+
+test: venv assets ## lint, the strict docs build, then the whole pytest suite (slow and ddp tests included)
 	$(MAKE) --no-print-directory lint
+	$(MAKE) --no-print-directory docs
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 demo: venv assets ## the norm shootout on Fashion-MNIST + its report (outputs/demo/)

@@ -493,14 +493,24 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def _order(target: str, method: str) -> tuple[int, int]:
+    """Tables list the original first, then the targets and methods in their declared order."""
+    targets, methods = ["ln", *TARGETS], ["original", *METHODS]
+    return targets.index(target), methods.index(method)
+
+
 def aggregate(rows: list[dict]) -> dict[str, Any]:
-    fid = [r for r in rows if r["part"] == "fidelity"]
+    fid = sorted(
+        (r for r in rows if r["part"] == "fidelity"),
+        key=lambda r: (r["model"], *_order(r["target"], r["method"])),
+    )
     tr = [r for r in rows if r["part"] == "transfer"]
     transfer = []
     for model_name in sorted({r["model"] for r in tr}):
         lower_better = model_name == "gpt"
         for target, method in sorted(
-            {(r["target"], r["method"]) for r in tr if r["model"] == model_name}
+            {(r["target"], r["method"]) for r in tr if r["model"] == model_name},
+            key=lambda tm: _order(*tm),
         ):
             mine = [
                 r

@@ -85,6 +85,28 @@ def refuse_input(module: nn.Module, x: Tensor, num_channels: int, min_dim: int) 
         )
 
 
+def check_channels(module: nn.Module, x: Tensor, num_channels: int, channels_last: bool) -> None:
+    """Refuse input without ``num_channels`` channels where the layer reads them: dim 1
+    (:func:`refuse_input`), or the last dim for a ``channels_last=True`` layer.
+
+    Example:
+        >>> check_channels(nn.ReLU(), torch.zeros(2, 5, 3), 3, channels_last=True)  # fine
+        >>> check_channels(nn.ReLU(), torch.zeros(2, 3, 5), 3, channels_last=True)
+        Traceback (most recent call last):
+        ...
+        normswap.errors.NormSwapError: ReLU: ReLU(channels_last=True) was built for 3 channels ...
+    """
+    if not channels_last:
+        if x.dim() < 2 or x.shape[1] != num_channels:
+            refuse_input(module, x, num_channels, min_dim=2)
+        return
+    if x.dim() < 2 or x.shape[-1] != num_channels:
+        raise NormSwapError(
+            f"{where(module)}: {type(module).__name__}(channels_last=True) was built for "
+            f"{num_channels} channels in the last dim, got input of shape {tuple(x.shape)}"
+        )
+
+
 def memory_format(x: Tensor) -> torch.memory_format:
     """The named memory format of ``x``: channels_last(_3d) when only that one fits.
 

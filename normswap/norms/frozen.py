@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from normswap.errors import NormSwapError, SpecError
-from normswap.norms.common import is_positive_int, refuse_input, where
+from normswap.errors import SpecError
+from normswap.norms.common import check_channels, is_positive_int
 
 __all__ = ["FrozenAffine"]
 
@@ -132,16 +132,7 @@ class FrozenAffine(nn.Module):
 
     @torch.jit.unused
     def _check(self, x: Tensor) -> None:
-        if self.channels_last:
-            if x.dim() < 2 or x.shape[-1] != self.num_channels:
-                raise NormSwapError(
-                    f"{where(self)}: FrozenAffine(channels_last=True) was built for "
-                    f"{self.num_channels} channels in the last dim, got input of shape "
-                    f"{tuple(x.shape)}"
-                )
-            return
-        if x.dim() < 2 or x.shape[1] != self.num_channels:
-            refuse_input(self, x, self.num_channels, min_dim=2)
+        check_channels(self, x, self.num_channels, self.channels_last)
 
     def extra_repr(self) -> str:
         """Describe the layer: channels, whether it trains, centring and layout."""

@@ -18,6 +18,7 @@ from normswap.errors import NormSwapError
 from normswap.norms.common import (
     ChannelAffineNorm,
     channels_to_last,
+    check_channels,
     per_position,
     refuse_input,
     spatial_numel,
@@ -166,12 +167,7 @@ class LayerNorm2d(ChannelAffineNorm):
 
     @torch.jit.unused
     def _check_last(self, x: Tensor) -> None:
-        if x.dim() < 2 or x.shape[-1] != self.num_channels:
-            raise NormSwapError(
-                f"{where(self)}: LayerNorm2d(channels_last=True) was built for "
-                f"{self.num_channels} channels in the last dim, got input of shape "
-                f"{tuple(x.shape)}"
-            )
+        check_channels(self, x, self.num_channels, channels_last=True)
 
     @torch.jit.unused
     def _eager(self, x: Tensor) -> Tensor:

@@ -20,8 +20,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from normswap.errors import NormSwapError, SpecError
-from normswap.norms.common import is_positive_int, refuse_input, where
+from normswap.errors import SpecError
+from normswap.norms.common import check_channels, is_positive_int
 from normswap.norms.dispatch import eager_cpu_kernel
 
 __all__ = ["Derf", "DyT", "PointwiseNorm"]
@@ -277,15 +277,7 @@ class PointwiseNorm(nn.Module):
 
     @torch.jit.unused
     def _check(self, x: Tensor) -> None:
-        dim = -1 if self.channels_last else 1
-        if x.dim() < 2 or x.shape[dim] != self.num_channels:
-            if not self.channels_last:
-                refuse_input(self, x, self.num_channels, min_dim=2)
-            raise NormSwapError(
-                f"{where(self)}: {type(self).__name__}(channels_last=True) was built for "
-                f"{self.num_channels} channels in the last dim, got input of shape "
-                f"{tuple(x.shape)}"
-            )
+        check_channels(self, x, self.num_channels, self.channels_last)
 
     def forward(self, x: Tensor) -> Tensor:
         """Apply the point-wise function and the affine (see :meth:`_norm_forward`)."""

@@ -14,8 +14,8 @@ from normswap.errors import NormSwapError
 from normswap.norms.common import (
     ChannelAffineNorm,
     channels_to_last,
+    check_channels,
     per_position,
-    refuse_input,
     where,
 )
 from normswap.norms.dispatch import eager_cpu_kernel
@@ -211,14 +211,7 @@ class RMSNorm(ChannelAffineNorm):
 
     @torch.jit.unused
     def _check(self, x: Tensor) -> None:
-        dim = -1 if self.channels_last else 1
-        if x.dim() < 2 or x.shape[dim] != self.num_channels:
-            if not self.channels_last:
-                refuse_input(self, x, self.num_channels, min_dim=2)
-            raise NormSwapError(
-                f"{where(self)}: RMSNorm(channels_last=True) was built for {self.num_channels} "
-                f"channels in the last dim, got input of shape {tuple(x.shape)}"
-            )
+        check_channels(self, x, self.num_channels, self.channels_last)
         if self.num_channels == 1:
             raise NormSwapError(
                 f"{where(self)}: RMSNorm over 1 channel maps every value to its sign times γ "

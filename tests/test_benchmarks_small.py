@@ -127,3 +127,22 @@ def test_transformers_report_picks_by_validation_and_lower_perplexity_is_better(
     assert picked["vit"]["lr"] == 1e-4 and picked["vit"]["test_mean"] == pytest.approx(0.62)
     assert picked["gpt"]["lr"] == 1e-3 and picked["gpt"]["test_mean"] == pytest.approx(0.85)
     assert picked["gpt"]["test_std"] == pytest.approx(math.sqrt(2 * 0.05**2), abs=1e-5)
+
+
+def test_transformers_grid_on_seed_zero_then_the_other_seeds_at_its_pick() -> None:
+    bench = _module("transformers_fidelity")
+
+    def row(lr: float, seed: int, val: float, test: float) -> dict:
+        return {"part": "transfer", "model": "vit", "target": "dyt", "method": "copy",
+                "lr": lr, "seed": seed, "val": val, "test": test}  # fmt: skip
+
+    grid = [row(1e-3, 0, 0.5, 0.5), row(1e-4, 0, 0.7, 0.7)]
+    # Seed 0's grid incomplete: the other seeds wait; complete: they run at its pick only.
+    assert bench._best_lrs(grid[:1], "vit", "dyt", "copy", [0], [1e-3, 1e-4]) == []
+    assert bench._best_lrs(grid, "vit", "dyt", "copy", [0], [1e-3, 1e-4]) == [1e-4]
+    # Seeds 1 and 2 at 1e-4 score low on validation: the pick is still compared on seed 0
+    # alone (the seeds every rate ran), and the test figure averages all three seeds there.
+    rows = [*grid, row(1e-4, 1, 0.1, 0.4), row(1e-4, 2, 0.1, 0.4)]
+    (picked,) = bench.aggregate(rows)["transfer"]
+    assert picked["lr"] == 1e-4 and picked["seeds"] == 3
+    assert picked["test_mean"] == pytest.approx(0.5)

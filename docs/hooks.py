@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mkdocs.exceptions import PluginError
 from mkdocs.structure.files import File, Files
 
 REPO = Path(__file__).resolve().parent.parent
@@ -401,3 +402,47 @@ def on_files(files: Files, config: Any) -> Files:
         files.append(File.generated(config, path, content=text))
     files.append(File.generated(config, "concepts/normalizations.png", content=_figure()))
     return files
+
+
+# --------------------------------------------------------------------------- reference coverage
+
+#: The modules whose every public name (``__all__``) the API reference must render.
+DOCUMENTED = ("normswap", "normswap.callbacks", "normswap.app.*")
+
+
+def _public_names() -> dict[str, list[str]]:
+    import importlib
+    import pkgutil
+
+    modules = []
+    for name in DOCUMENTED:
+        if name.endswith(".*"):
+            package = importlib.import_module(name[:-2])
+            modules += [
+                f"{package.__name__}.{m.name}" for m in pkgutil.iter_modules(package.__path__)
+            ]
+        else:
+            modules.append(name)
+    out = {}
+    for name in modules:
+        module = importlib.import_module(name)
+        out[name] = [n for n in getattr(module, "__all__", []) if not n.startswith("__")]
+    return out
+
+
+def on_post_build(config: Any) -> None:
+    """Fail the build when a public name has no entry in the API reference."""
+    site = Path(config["site_dir"]) / "reference"
+    html = "".join(p.read_text() for p in site.rglob("*.html"))
+    anchors = set(re.findall(r'id="([\w.]+)"', html))
+    missing = [
+        f"{module}.{name}"
+        for module, names in _public_names().items()
+        for name in names
+        if f"{module}.{name}" not in anchors and not any(a.endswith(f".{name}") for a in anchors)
+    ]
+    if missing:
+        raise PluginError(
+            f"the API reference renders no entry for {', '.join(missing)}: add a docstring, or "
+            "a ::: directive to a page of docs/reference/"
+        )

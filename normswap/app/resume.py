@@ -38,8 +38,8 @@ __all__ = [
     "run_dir",
 ]
 
-#: Values of the ``resume`` option.
 RESUME_CHOICES = (None, "auto")
+"""Values of the ``resume`` option."""
 
 #: Overrides that do not change what a run computes: left out of the resume folder's name.
 _NOT_THE_RUN = ("resume=", "ckpt_path=")

@@ -33,9 +33,6 @@ from normswap.specs import spec_class
 
 __all__ = ["NORM_CALLBACK_OPTIONS", "SCHEMA_GROUPS", "register_schemas", "schema_for"]
 
-#: ``norm`` keys that configure the ``NormSwap`` callback rather than the spec, with their types
-#: (``distill_steps``: with ``calibrate``, distill that many steps after calibrating;
-#: ``progressive``: a ``BlendSchedule``'s fields, or its end step).
 NORM_CALLBACK_OPTIONS: dict[str, Any] = {
     "include": Any,
     "exclude": Any,
@@ -45,11 +42,14 @@ NORM_CALLBACK_OPTIONS: dict[str, Any] = {
     "distill_steps": int | None,
     "progressive": Any,
 }
+"""``norm`` keys that configure the ``NormSwap`` callback rather than the spec, with their types
+(``distill_steps``: with ``calibrate``, distill that many steps after calibrating;
+``progressive``: a ``BlendSchedule``'s fields, or its end step)."""
 
-#: The config groups whose options are backed by a schema. ``trainer`` options are
-#: ``pytorch_lightning.Trainer`` keyword arguments, checked by Lightning itself, and stay open so
-#: that ``++trainer.fast_dev_run=true`` can add any of them.
 SCHEMA_GROUPS: tuple[str, ...] = ("model", "norm", "data", "task")
+"""The config groups whose options are backed by a schema. ``trainer`` options are
+``pytorch_lightning.Trainer`` keyword arguments, checked by Lightning itself, and stay open so
+that ``++trainer.fast_dev_run=true`` can add any of them."""
 
 _PLAIN = (int, float, str, bool)
 

@@ -43,6 +43,8 @@ __all__ = ["CalibrateFn", "NormSwap"]
 #: on the device), each made model inputs by ``batch_to_input`` (:mod:`normswap.inputs`).
 #: :func:`normswap.calibrate` and :func:`normswap.distill` take exactly these arguments.
 CalibrateFn = Callable[..., Any]
+"""What ``NormSwap(calibrate=...)`` takes: ``fn(model, reference, batches, *, batch_to_input)``
+(:func:`normswap.calibrate`, :func:`normswap.distill`, or both in turn)."""
 
 _APPLIED = "_normswap_record"  # attribute set on a module once it has been swapped
 

@@ -194,6 +194,8 @@ class SourceKind:
 
 #: The source kinds, by name (what ``replace=`` accepts, besides ``"any"``).
 SOURCE_KINDS: Registry[str, SourceKind] = Registry("source kind")
+"""The source kinds by name (``"bn"``, ``"ln"``, ``"ln2d"``, ``"gn"``, ``"in"``, ``"rms"``): what
+``replace=`` selects. :func:`register_source_kind` adds one."""
 
 
 def register_source_kind(name: str, summary: str) -> SourceKind:

@@ -446,3 +446,36 @@ def on_post_build(config: Any) -> None:
             f"the API reference renders no entry for {', '.join(missing)}: add a docstring, or "
             "a ::: directive to a page of docs/reference/"
         )
+
+
+# --------------------------------------------------------------------------- page checks
+
+FENCE = re.compile(r"^(\s*)```(\S*)\s*$")
+
+
+def fence_problem(markdown: str) -> str | None:
+    """A code fence left open, or one with a language inside a block (a block that swallows
+    the prose after it): Markdown renders both without a warning."""
+    opened: tuple[int, str] | None = None
+    for number, line in enumerate(markdown.splitlines(), 1):
+        match = FENCE.match(line)
+        if not match:
+            continue
+        if opened is None:
+            opened = (number, match.group(2))
+        elif match.group(2):
+            return (
+                f"line {number}: a ```{match.group(2)} fence inside the block opened on "
+                f"line {opened[0]}"
+            )
+        else:
+            opened = None
+    return None if opened is None else f"line {opened[0]}: a code fence that is never closed"
+
+
+def on_page_markdown(markdown: str, page: Any, config: Any, files: Files) -> str:
+    """Fail the build on a broken code fence."""
+    problem = fence_problem(markdown)
+    if problem:
+        raise PluginError(f"{page.file.src_uri}: {problem}")
+    return markdown

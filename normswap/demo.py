@@ -1,7 +1,7 @@
 """``make demo``: a quick norm shootout on Fashion-MNIST, then ``normswap report`` on it.
 
 Runs the ``norm_shootout`` recipe with one seed (resnet18, every norm, one epoch on 6,000
-real Fashion-MNIST images: about 6 minutes on 2 CPU cores, with a progress bar) into
+real Fashion-MNIST images: about 40 s per norm on 2 CPU cores, with a progress bar) into
 ``outputs/demo/norm_shootout`` and writes the ranked table and plots there; the plots say that
 there is one seed per point. The recipe itself runs 3 seeds (``normswap-train
 +recipe=norm_shootout``). Pass extra Hydra overrides after the command, e.g.
@@ -21,7 +21,7 @@ from normswap.errors import NormSwapError
 __all__ = ["main"]
 
 OUT = Path("outputs/demo/norm_shootout")
-#: One seed keeps ``make demo`` under 10 minutes on 2 cores (later overrides win: ``seed=0,1,2``).
+#: One seed keeps ``make demo`` to one run per norm (later overrides win: ``seed=0,1,2``).
 DEMO_OVERRIDES = ("seed=0",)
 
 

@@ -58,3 +58,15 @@ def test_the_readme_links_resolve() -> None:
     assert links
     missing = [link for link in links if not (REPO_ROOT / link).exists()]
     assert not missing, missing
+
+
+def test_the_build_refuses_broken_code_fences() -> None:
+    sys.path.insert(0, str(REPO_ROOT / "docs"))
+    try:
+        import hooks
+    finally:
+        sys.path.remove(str(REPO_ROOT / "docs"))
+    assert hooks.fence_problem("# t\n\n```bash\nmake\n```\n\ntext\n") is None
+    assert "never closed" in hooks.fence_problem("```bash\nmake test\n\nprose\n")
+    # A stray bare fence swallows the prose, then the ```text block's opener:
+    assert "inside the block" in hooks.fence_problem("```\n\nprose\n\n```text\nout\n```\n")

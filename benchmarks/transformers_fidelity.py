@@ -59,24 +59,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-import pretrain_transformers as pt  # noqa: E402
-
-from normswap.pretrained.calibrate import calibrate  # noqa: E402
-from normswap.pretrained.convert import convert_pretrained  # noqa: E402
-from normswap.pretrained.distill import hflip  # noqa: E402
-from normswap.pretrained.fidelity import fidelity, logits_of  # noqa: E402
-from normswap.progressive import (  # noqa: E402
+from normswap.pretrained.calibrate import calibrate
+from normswap.pretrained.convert import convert_pretrained
+from normswap.pretrained.distill import hflip
+from normswap.pretrained.fidelity import fidelity, logits_of
+from normswap.progressive import (
     BlendSchedule,
     calibrate_blend,
     finish_blend,
     set_blend,
     swap_progressive,
 )
-from normswap.specs import NormSpec, get_spec  # noqa: E402
-from normswap.surgery import swap  # noqa: E402
+from normswap.specs import NormSpec, get_spec
+from normswap.surgery import swap
+
+HERE = Path(__file__).resolve().parent
+# The pretraining script is a sibling script, not a package module: importable once its folder
+# is on the path (the benchmarks run as scripts, from any working directory).
+sys.path.insert(0, str(HERE))
+import pretrain_transformers as pt  # noqa: E402  (needs the path set just above)
 
 RESULTS = HERE / "results"
 CACHE = pt.REPO / ".cache" / "transformers_fidelity"

@@ -250,48 +250,40 @@ def sample_photos(size: int = 224) -> tuple[list[str], Tensor]:
 
 
 def photo_crops(
-    name: str,
+    name: str | os.PathLike[str],
     count: int,
     size: int = 160,
     *,
     scale: tuple[float, float] = (0.05, 0.5),
     seed: int = 0,
 ) -> Tensor:
-    """Random square crops of one of scikit-learn's sample photos, ImageNet-normalized.
+    """Random square crops of one photo, ImageNet-normalized.
 
     Each crop covers a random fraction of the photo's area in ``scale`` at a random place, and
     is resized to ``size`` (and flipped half the time): many different inputs from one photo,
     as a source of unlabeled natural images that other sources never saw.
 
     Args:
-        name: ``"china.jpg"`` or ``"flower.jpg"``.
+        name: one of scikit-learn's sample photos (``"china.jpg"``, ``"flower.jpg"``) or the
+            path of an image file (``.jpg``, ``.png``, ... decoded as RGB).
         count: how many crops.
         size: their side in pixels.
         scale: the smallest and largest fraction of the photo's area a crop covers.
         seed: seeds the crops.
 
     Raises:
-        DataError: an unknown photo, a bad argument, or scikit-learn missing.
+        DataError: an unknown photo or unreadable file, a bad argument, or scikit-learn
+            missing.
 
     Example:
         >>> photo_crops("flower.jpg", 4, 64).shape
         torch.Size([4, 3, 64, 64])
     """
-    try:
-        from sklearn.datasets import load_sample_images
-    except ImportError as err:
-        raise DataError(
-            "the sample photos come with scikit-learn: pip install -e '.[demo]'"
-        ) from err
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise DataError(f"count must be a positive int, got {count!r}")
     if not 0 < scale[0] <= scale[1] <= 1:
         raise DataError(f"scale must be (low, high) with 0 < low <= high <= 1, got {scale!r}")
-    data = load_sample_images()
-    names = [Path(p).name for p in data.filenames]
-    if name not in names:
-        raise DataError(f"unknown sample photo {name!r}; choose one of: {', '.join(names)}")
-    photo = torch.from_numpy(data.images[names.index(name)].copy()).permute(2, 0, 1)
+    photo = _photo(name)
     h, w = photo.shape[-2:]
     g = torch.Generator().manual_seed(seed)
     crops = []
@@ -306,6 +298,38 @@ def photo_crops(
         crops.append(to_imagenet(crop.unsqueeze(0).contiguous(), size)[0])
     return torch.stack(crops)
 
+
+def _photo(name: str | os.PathLike[str]) -> Tensor:
+    """A scikit-learn sample photo by name, or an image file: ``uint8 (3, H, W)``."""
+    if isinstance(name, str) and name in SAMPLE_PHOTOS:
+        try:
+            from sklearn.datasets import load_sample_images
+        except ImportError as err:
+            raise DataError(
+                "the sample photos come with scikit-learn: pip install -e '.[demo]'"
+            ) from err
+        data = load_sample_images()
+        names = [Path(p).name for p in data.filenames]
+        return torch.from_numpy(data.images[names.index(name)].copy()).permute(2, 0, 1)
+    path = Path(name)
+    if not path.is_file():
+        raise DataError(
+            f"unknown photo {str(name)!r}: give one of scikit-learn's sample photos "
+            f"({', '.join(SAMPLE_PHOTOS)}) or the path of an image file"
+        )
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("RGB"))
+    except (OSError, UnidentifiedImageError) as err:
+        raise DataError(f"cannot decode {str(path)!r}: {err}") from err
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
+
+
+#: scikit-learn's bundled sample photos (:func:`sample_photos`, :func:`photo_crops`).
+SAMPLE_PHOTOS: tuple[str, ...] = ("china.jpg", "flower.jpg")
 
 #: File suffixes :func:`load_images` reads from a folder.
 IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp")

@@ -13,6 +13,7 @@ from normswap.data import (
     IMAGENET_STD,
     DataError,
     load_fashion_mnist,
+    photo_crops,
     read_idx,
     sample_photos,
     to_imagenet,
@@ -109,3 +110,33 @@ def test_sample_photos_are_the_two_real_photos():
     assert photos.shape == (2, 3, 64, 64)
     assert not torch.equal(photos[0], photos[1])
     assert photos.std() > 0.5  # real content, normalized
+
+
+def test_photo_crops_reads_an_image_file_like_a_sample_photo(tmp_path: Path):
+    from PIL import Image
+
+    pixels = torch.arange(40 * 60 * 3, dtype=torch.int64).remainder(251).to(torch.uint8)
+    path = tmp_path / "photo.png"
+    Image.fromarray(pixels.view(40, 60, 3).numpy()).save(path)
+    crops = photo_crops(path, 5, 16, seed=3)
+    assert crops.shape == (5, 3, 16, 16)
+    assert torch.equal(crops, photo_crops(str(path), 5, 16, seed=3))
+    # The same crop of the same pixels as a sample photo would give: whole-photo crops of a
+    # square photo are the photo resized (flipped or not).
+    square = tmp_path / "square.png"
+    Image.fromarray(pixels[: 32 * 32 * 3].view(32, 32, 3).numpy()).save(square)
+    whole = photo_crops(square, 4, 16, scale=(1.0, 1.0))
+    square_pixels = pixels[: 32 * 32 * 3].view(32, 32, 3).permute(2, 0, 1).contiguous()
+    expected = to_imagenet(square_pixels[None], 16)[0]
+    for crop in whole:
+        same = torch.allclose(crop, expected, atol=1e-5)
+        assert same or torch.allclose(crop, expected.flip(-1), atol=1e-5)
+
+
+def test_photo_crops_names_the_choices_for_an_unknown_photo(tmp_path: Path):
+    with pytest.raises(DataError, match=r"china\.jpg, flower\.jpg\) or the path"):
+        photo_crops("nope.jpg", 2)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    with pytest.raises(DataError, match="cannot decode"):
+        photo_crops(broken, 2)

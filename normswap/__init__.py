@@ -88,7 +88,9 @@ from normswap.pretrained.distill import DistillReport, distill
 from normswap.pretrained.fidelity import Fidelity, fidelity
 from normswap.pretrained.fitters import Fitter, register_fitter
 from normswap.pretrained.hybrid import LayerCost, conversion_costs, hybrid_swap
+from normswap.pretrained.reconstruct import BlockFit, ReconstructionReport, reconstruct
 from normswap.pretrained.synthesize import statistics_gap, synthesize
+from normswap.pretrained.transfer import DiverseAugment, procedural_images
 from normswap.progressive import (
     BlendSchedule,
     anchor_blend,
@@ -124,6 +126,7 @@ __all__ = [
     "ApplyError",
     "BlendNorm",
     "BlendSchedule",
+    "BlockFit",
     "CalibrationError",
     "CalibrationReport",
     "ConditionError",
@@ -133,6 +136,7 @@ __all__ = [
     "Derf",
     "DerfSpec",
     "DistillReport",
+    "DiverseAugment",
     "DyT",
     "DyTSpec",
     "Family",
@@ -160,6 +164,7 @@ __all__ = [
     "PlanContext",
     "RMSNorm",
     "RMSNormSpec",
+    "ReconstructionReport",
     "SourceNorm",
     "SpecError",
     "SwapError",
@@ -196,6 +201,8 @@ __all__ = [
     "list_families",
     "list_norms",
     "plan",
+    "procedural_images",
+    "reconstruct",
     "register_blend_statistics",
     "register_family",
     "register_finalizer",

@@ -11,9 +11,10 @@ Examples::
         --calibrate path/to/unlabeled/images --budget 600
 
 With ``--calibrate DATA`` the conversion keeps what the pretrained model learned:
-:func:`normswap.convert_pretrained` (swap, closed-form calibration, self-distillation for what
-is left of ``--budget`` seconds) on unlabeled images from ``DATA`` (a folder of images, a
-``.pt`` tensor file, or ``fashion-mnist``), and the checkpoint records what it reached.
+:func:`normswap.convert_pretrained` (swap, closed-form calibration, block-wise reconstruction
+or self-distillation for what is left of ``--budget`` seconds) on unlabeled images from
+``DATA`` (a folder of images, a ``.pt`` tensor file, or ``fashion-mnist``), and the checkpoint
+records what it reached.
 """
 
 from __future__ import annotations
@@ -190,6 +191,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
             data,
             budget=args.budget,
             distill_steps=args.distill_steps,
+            reconstruct=args.reconstruct,
             progressive=args.progressive,
             include=args.include or None,
             exclude=args.exclude or None,
@@ -301,13 +303,25 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument(
         "--calibrate",
         metavar="DATA",
-        help="keep the pretrained behaviour: calibrate + distill on unlabeled images from DATA "
+        help="keep the pretrained behaviour: calibrate + reconstruct (or distill) on unlabeled "
+        "images from DATA "
         "(a folder of images, a .pt tensor file, or 'fashion-mnist')",
     )
     convert.add_argument("--size", type=int, default=224, help="image side for --calibrate")
     convert.add_argument("--samples", type=int, default=2000, help="images read for --calibrate")
     convert.add_argument(
-        "--budget", type=float, default=600.0, help="seconds for calibration + distillation"
+        "--budget",
+        type=float,
+        default=600.0,
+        help="seconds for calibration + reconstruction + distillation",
+    )
+    convert.add_argument(
+        "--reconstruct",
+        type=float,
+        default=1.0,
+        metavar="SHARE",
+        help="with --calibrate: the share of the budget left after calibration spent on "
+        "block-wise reconstruction (the rest distills; 0: none)",
     )
     convert.add_argument(
         "--finalize",
@@ -327,7 +341,8 @@ def _parser() -> argparse.ArgumentParser:
         "--distill-steps",
         type=int,
         default=None,
-        help="distillation steps (default: what fits in --budget; 0: calibrate only)",
+        help="distillation steps (default: what fits in what --reconstruct leaves of --budget; "
+        "0: none; with --reconstruct 0: calibrate only)",
     )
     convert.set_defaults(func=_cmd_convert)
     report = sub.add_parser("report", help="table and plots of normswap-train runs")

@@ -84,7 +84,7 @@ def test_every_consumer_reads_batches_the_same_way() -> None:
     )
     assert (report.steps, report.stopped) == (1, "data exhausted")
     result = normswap.convert_pretrained(
-        _model(), "gn", batches, distill_steps=0, num_groups=2, progress=False
+        _model(), "gn", batches, distill_steps=0, reconstruct=0, num_groups=2, progress=False
     )
     assert result.calibration is not None and result.calibration.samples == 6
     with pytest.raises(TraceError, match="non-string keys"):

@@ -123,7 +123,9 @@ def test_convert_pretrained_checks_its_data_before_swapping() -> None:
     before, structure = snapshot(model), _structure(model)
     for data in (torch.empty(0, 3, 32, 32), [], [torch.empty(0, 3, 8, 8)], {"x": 1}):
         with pytest.raises(CalibrationError):
-            normswap.convert_pretrained(model, "gn", data, distill_steps=0, progress=False)
+            normswap.convert_pretrained(
+                model, "gn", data, distill_steps=0, reconstruct=0, progress=False
+            )
         _untouched(model, before, structure)
 
 

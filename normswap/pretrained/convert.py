@@ -1,17 +1,19 @@
-"""Convert a pretrained model so that it keeps what it learned: swap, calibrate, distill.
+"""Convert a pretrained model so that it keeps what it learned: swap, calibrate, reconstruct,
+distill.
 
 :func:`convert_pretrained` is the one call for the common case::
 
     result = normswap.convert_pretrained(model, "gn", unlabeled_images, budget=600)
-    print(result)            # the swap report, what calibration and distillation did
+    print(result)            # the swap report, what calibration and reconstruction did
     result.fidelity          # top-1 agreement with the original on held-out inputs
 
 It keeps an unmodified copy of the model as the reference, swaps the norms
 (:func:`normswap.swap`), re-fits the converted layers in closed form
-(:func:`normswap.calibrate.calibrate`), then distills the converted model towards the copy
-(:func:`normswap.distill.distill`) for what is left of the time budget, and measures the
-agreement reached. For ``wn`` with ``bn="fold"`` the conversion is exact and the data-driven
-steps are skipped.
+(:func:`normswap.calibrate.calibrate`), reconstructs the converted model block by block from
+its own inputs (:func:`normswap.pretrained.reconstruct.reconstruct`) and/or distills it towards
+the copy (:func:`normswap.distill.distill`) for what is left of the time budget, and measures
+the agreement reached. For ``wn`` with ``bn="fold"`` the conversion is exact and the
+data-driven steps are skipped.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ from normswap.pretrained.distill import (
     hflip,
 )
 from normswap.pretrained.fidelity import Fidelity, fidelity
+from normswap.pretrained.reconstruct import ReconstructionReport
+from normswap.pretrained.reconstruct import reconstruct as reconstruct_blocks
 from normswap.pretrained.structure import converted_layers
 from normswap.progressive import (
     BlendSchedule,
@@ -56,10 +60,19 @@ from normswap.progressive import (
     swap_progressive,
 )
 from normswap.report import SwapReport
+from normswap.sources import resolve_replace
 from normswap.specs import NormSpec, get_spec
 from normswap.surgery import swap
 
-__all__ = ["ConversionResult", "calibrate_and_distill", "convert_pretrained"]
+__all__ = ["RECONSTRUCT", "ConversionResult", "calibrate_and_distill", "convert_pretrained"]
+
+#: ``convert_pretrained(reconstruct=None)``'s share of the budget for block-wise
+#: reconstruction, per source kind converted (the smallest over the kinds wins; a kind not
+#: listed distills). BatchNorm: reconstruction reached a higher in-domain agreement than
+#: distillation at the same budget on the real MobileNetV2 (``benchmarks/results/ood.md``);
+#: LayerNorm sources were measured with distillation (``transformers_fidelity.md``), and a
+#: transformer's layers take several inputs, so its blocks would be its norms alone.
+RECONSTRUCT: dict[str, float] = {"bn": 1.0}
 
 
 @dataclass(frozen=True)
@@ -76,6 +89,7 @@ class ConversionResult:
         ood_fidelity: agreement on ``ood_data``, inputs from sources no step calibrated,
             distilled or stopped early on: how well the conversion carries the model's
             function to new data (``None`` without them).
+        reconstruction: the block-wise reconstruction report (``None`` when skipped).
 
     Example:
         >>> r = ConversionResult(SwapReport((), {"name": "gn"}), None, None, None, 0.0)
@@ -89,6 +103,7 @@ class ConversionResult:
     fidelity: Fidelity | None
     seconds: float
     ood_fidelity: Fidelity | None = None
+    reconstruction: ReconstructionReport | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-serializable dictionary.
@@ -103,6 +118,9 @@ class ConversionResult:
             "distillation": None if self.distillation is None else self.distillation.to_dict(),
             "fidelity": None if self.fidelity is None else self.fidelity.to_dict(),
             "ood_fidelity": None if self.ood_fidelity is None else self.ood_fidelity.to_dict(),
+            "reconstruction": None
+            if self.reconstruction is None
+            else self.reconstruction.to_dict(),
             "seconds": self.seconds,
         }
 
@@ -116,6 +134,8 @@ class ConversionResult:
                 f"calibration: {len(c)} layer(s) on {c.samples} sample(s) in {c.seconds:.1f} s; "
                 f"mean relative error {mean_before:.3f} -> {mean_after:.3f}"
             )
+        if self.reconstruction is not None:
+            parts.append(str(self.reconstruction))
         if self.distillation is not None:
             parts.append(str(self.distillation))
         if self.fidelity is not None:
@@ -167,6 +187,7 @@ def convert_pretrained(
     ood_data: Any = None,
     replace: str | Iterable[str] | None = None,
     augment: Callable[[Tensor], Tensor] | None = hflip,
+    reconstruct: float | None = None,
     **overrides: Any,
 ) -> ConversionResult:
     """Swap ``model``'s norms for ``spec`` and bring it back to its pretrained behaviour.
@@ -175,8 +196,10 @@ def convert_pretrained(
     input of ``data`` as example input: it checks input ranks and, for ``wn``, finds the layer
     each BatchNorm folds into);
     :func:`~normswap.calibrate.calibrate` on the first ``calibrate_samples`` samples of ``data``;
-    :func:`~normswap.distill.distill` on ``data`` for what remains of ``budget`` (early stop
-    when agreement stops improving); :func:`~normswap.distill.fidelity` on ``val_data``. The
+    block-wise reconstruction (:func:`~normswap.pretrained.reconstruct.reconstruct`) for the
+    ``reconstruct`` share of what remains of ``budget``, then
+    :func:`~normswap.distill.distill` on ``data`` for the rest (early stop when agreement stops
+    improving); :func:`~normswap.distill.fidelity` on ``val_data``. The
     model is converted in eval mode (folding and calibration use the running statistics) and
     its training flags are restored at the end. Everything is checked (spec, data, that both
     models run) before the model is modified.
@@ -217,6 +240,15 @@ def convert_pretrained(
         replace: the source kinds to convert (``"bn"`` by default; see :func:`normswap.swap`).
         augment: applied to each distillation batch, teacher and student alike (default:
             random horizontal flips; ``None`` for none; see :func:`~normswap.distill.distill`).
+        reconstruct: the share of the time left after calibration given to block-wise
+            reconstruction (:func:`normswap.pretrained.reconstruct.reconstruct`: each block
+            trained to reproduce the original block from its own inputs); distillation gets
+            what is left. ``1`` gives it the whole budget and skips distillation unless
+            ``distill_steps`` is set; ``0`` skips it (calibrate + distill). ``None`` (the
+            default): what was measured best for the norms converted (:data:`RECONSTRUCT`:
+            ``1`` for BatchNorm, ``benchmarks/results/ood.md``; ``0`` when other kinds are
+            converted, ``benchmarks/results/transformers_fidelity.md``). Ignored with
+            ``progressive``.
         **overrides: spec field overrides, e.g. ``num_groups=16``.
 
     Returns:
@@ -233,7 +265,7 @@ def convert_pretrained(
         >>> import torchvision
         >>> model = torchvision.models.resnet18(weights=None).eval()
         >>> images = torch.randn(64, 3, 64, 64)
-        >>> result = convert_pretrained(model, "gn", images, budget=60, distill_steps=0)
+        >>> result = convert_pretrained(model, "gn", images, distill_steps=0, reconstruct=0)
         >>> len(result.calibration)
         20
     """
@@ -255,6 +287,17 @@ def convert_pretrained(
     ):
         raise CalibrationError(
             f"progressive must be a fraction of the distillation in [0, 1], got {progressive!r}"
+        )
+    if reconstruct is None:
+        reconstruct = min(RECONSTRUCT.get(kind, 0.0) for kind in resolve_replace(replace))
+    if (
+        isinstance(reconstruct, bool)
+        or not isinstance(reconstruct, (int, float))
+        or not 0 <= reconstruct <= 1
+    ):
+        raise CalibrationError(
+            f"reconstruct must be the share of the budget in [0, 1] given to block-wise "
+            f"reconstruction, got {reconstruct!r}"
         )
     if not isinstance(adapt_teacher, bool):
         raise CalibrationError(f"adapt_teacher must be True or False, got {adapt_teacher!r}")
@@ -298,7 +341,7 @@ def convert_pretrained(
             replace=replace,
         )
         layers = converted_layers(model, reference)
-        calibration = distillation = None
+        calibration = distillation = rebuilt = None
         if layers:
             calibration = (calibrate_blend if progressive else calibrate)(
                 model,
@@ -307,7 +350,19 @@ def convert_pretrained(
                 batch_to_input=batch_to_input,
             )
             left = budget - (clock() - start)
+            if reconstruct and not progressive and left > 0:
+                rebuilt = reconstruct_blocks(
+                    model,
+                    reference,
+                    data,
+                    max_seconds=reconstruct * left,
+                    clock=clock,
+                    batch_to_input=batch_to_input,
+                )
+                left = budget - (clock() - start)
             steps = distill_steps
+            if steps is None and rebuilt is not None and reconstruct >= 1:
+                steps = 0  # the whole budget went to reconstruction
             if steps is None:
                 steps = _steps_that_fit(model, reference, data, first, batch_size, left, clock)
                 left = budget - (clock() - start)
@@ -341,7 +396,9 @@ def convert_pretrained(
             ood = fidelity(model, reference, ood_data, batch_to_input=batch_to_input)
     finally:
         restore_training_flags(model, flags)
-    return ConversionResult(report, calibration, distillation, reached, clock() - start, ood)
+    return ConversionResult(
+        report, calibration, distillation, reached, clock() - start, ood, rebuilt
+    )
 
 
 def _steps_that_fit(

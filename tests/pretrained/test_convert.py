@@ -29,6 +29,7 @@ def test_gn_conversion_comes_back_to_the_original():
         val_data=held_out,
         progress=False,
         num_groups=4,
+        reconstruct=0.0,
     )
     assert isinstance(result, ConversionResult)
     assert result.report.counts() == {"BatchNorm2d -> GroupNorm": 2}
@@ -58,10 +59,33 @@ def test_budget_estimates_the_steps_and_training_flags_are_restored():
     model = _teacher().train()
     start = time.perf_counter()
     result = convert_pretrained(
-        model, "ln", _inputs(256, 2), budget=3.0, clock=time.process_time, progress=False
+        model,
+        "ln",
+        _inputs(256, 2),
+        budget=3.0,
+        clock=time.process_time,
+        progress=False,
+        reconstruct=0.0,
     )
     assert time.perf_counter() - start < 30
     assert result.distillation is not None and result.distillation.steps >= 1
+    assert result.reconstruction is None
+    assert model.training and all(m.training for m in model.modules())
+
+
+def test_by_default_the_budget_goes_to_block_wise_reconstruction():
+    model = _teacher().train()
+    original = _teacher()
+    held_out = _inputs(128, 3)
+    result = convert_pretrained(
+        model, "gn", _inputs(256, 2), budget=3.0, clock=time.process_time, progress=False,
+        val_data=held_out, num_groups=4,
+    )  # fmt: skip
+    assert result.distillation is None
+    rebuilt = result.reconstruction
+    assert rebuilt is not None and rebuilt.blocks and rebuilt.samples == 256
+    assert all(b.error_after <= b.error_before for b in rebuilt.blocks)
+    assert result.fidelity == fidelity(model, original, held_out)
     assert model.training and all(m.training for m in model.modules())
 
 
@@ -107,6 +131,7 @@ def test_the_clock_measures_the_total_and_val_data_drives_early_stopping(monkeyp
         clock=lambda: float(next(ticks)),
         progress=False,
         num_groups=2,
+        reconstruct=0.0,
     )
     assert seen["val_data"] is val
     assert result.seconds % 7 == 0 and result.seconds > 0  # a difference of the fake clock
@@ -148,7 +173,9 @@ def test_progressive_without_distillation_is_the_calibrated_swap():
     convert_pretrained(
         model, "gn", data, distill_steps=0, progressive=1.0, progress=False, num_groups=4
     )
-    convert_pretrained(plain, "gn", data, distill_steps=0, progress=False, num_groups=4)
+    convert_pretrained(
+        plain, "gn", data, distill_steps=0, reconstruct=0, progress=False, num_groups=4
+    )
     x = _inputs(16, 4)
     assert [type(m) for m in model] == [type(m) for m in plain]
     with torch.no_grad():
@@ -167,6 +194,7 @@ def test_adapt_teacher_reestimates_the_statistics_first():
         "gn",
         data,
         distill_steps=0,
+        reconstruct=0,
         adapt_teacher=True,
         val_data=_inputs(64, 3),
         progress=False,
@@ -199,7 +227,7 @@ def test_ten_distillation_steps_run() -> None:
     """Regression: a 10-step one-cycle schedule at 10% warm-up divided by zero in torch."""
     model = _teacher()
     result = convert_pretrained(
-        model, "gn", _inputs(64, 2), distill_steps=10, progress=False, num_groups=4
+        model, "gn", _inputs(64, 2), distill_steps=10, progress=False, num_groups=4, reconstruct=0.0
     )
     assert result.distillation.steps == 10
 
@@ -219,6 +247,7 @@ def test_augment_reaches_every_distillation_batch() -> None:
         augment=record,
         progress=False,
         num_groups=4,
+        reconstruct=0.0,
     )
     assert result.distillation.steps == 6
     assert len(seen) == 6 and all(len(s) == 4 for s in seen)

@@ -66,7 +66,7 @@ def test_calibration_fits_each_layernorm_in_order_and_nothing_else(
     paths = _layernorms(model)
     before = _outside(snapshot(model), paths)
     result = convert_pretrained(
-        model, target, _images(256, 0), replace="ln", distill_steps=0, progress=False
+        model, target, _images(256, 0), replace="ln", distill_steps=0, reconstruct=0, progress=False
     )
     assert result.report.replace == ("ln",)
     assert len(result.report.converted) == len(paths) == 5
@@ -100,6 +100,7 @@ def test_distillation_brings_a_vit_closer_than_the_copy(
         val_data=held,
         ood_data=ood,
         progress=False,
+        reconstruct=0.0,
     )
     assert result.distillation.steps == 30
     assert result.fidelity == fidelity(model, pretrained_vit, held)
@@ -109,7 +110,9 @@ def test_distillation_brings_a_vit_closer_than_the_copy(
 
 def test_frozen_from_layernorm_fits_a_scale_per_channel(pretrained_vit: nn.Module) -> None:
     model = copy.deepcopy(pretrained_vit)
-    convert_pretrained(model, "frozen", _images(256, 0), replace="ln", distill_steps=0)
+    convert_pretrained(
+        model, "frozen", _images(256, 0), replace="ln", distill_steps=0, reconstruct=0
+    )
     frozen = [m for m in model.modules() if isinstance(m, normswap.FrozenAffine)]
     assert len(frozen) == 5 and all(m.center for m in frozen)
     # The LayerNorm's 1/std is now a fixed per-channel factor folded into the affine.
@@ -162,7 +165,14 @@ def test_a_gpt2_converts_per_position() -> None:
     tokens = torch.randint(0, 32, (256, 16), generator=g)
     held = torch.randint(0, 32, (32, 16), generator=g)
     result = convert_pretrained(
-        model, "dyt", tokens, replace="ln", distill_steps=10, val_data=held, progress=False
+        model,
+        "dyt",
+        tokens,
+        replace="ln",
+        distill_steps=10,
+        val_data=held,
+        progress=False,
+        reconstruct=0.0,
     )
     assert result.report.counts() == {"LayerNorm -> DyT": 5}
     assert len(result.calibration) == 5

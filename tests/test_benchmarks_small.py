@@ -4,6 +4,7 @@ report picks each method's learning rate on validation, not test."""
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import math
 import subprocess
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import REPO_ROOT
 
 BENCH = REPO_ROOT / "benchmarks"
@@ -72,15 +74,47 @@ def test_transfer_report_picks_the_learning_rate_by_validation() -> None:
     assert math.isnan(table[("m", 4)]["test_std"])  # one seed: no spread to report
 
 
-def test_ood_small_mode_separates_the_domains(tmp_path: Path) -> None:
+def test_ood_small_mode_separates_the_domains_and_diagnoses(tmp_path: Path) -> None:
     ood = _module("ood")
     _run("ood.py", tmp_path)
     data = json.loads((tmp_path / "ood_small.json").read_text())
     assert [r["method"] for r in data["rows"]] == list(ood.METHODS)
-    judged = data["rows"][0]["judged"]
+    row = data["rows"][0]
+    judged = row["judged"]
     assert sum(k.startswith("in-domain") for k in judged) == 2
     assert sum(k.startswith("out-of-domain") for k in judged) == 2
-    assert "out-of-domain: flower.jpg crops" in (tmp_path / "ood_small.md").read_text()
+    photos = ood.unseen_photos()
+    assert set(row["photos"]) == set(photos) and len(photos) == 7
+    # the headline is the mean over the unseen photos
+    mean = sum(p["agreement"] for p in row["photos"].values()) / len(photos)
+    assert judged[ood.UNSEEN]["agreement"] == pytest.approx(mean, abs=1e-4)
+    classes = row["classes"]
+    total = sum(share for _, share in classes["original"]["top"])
+    assert 0 < total <= 1.0001 and classes["converted"]["distinct"] >= 1
+    assert list(row["blocks"]["in-domain"])[-1] == "logits"
+    assert len(row["blocks"]["unseen photos"]) == len(row["blocks"]["in-domain"])
+    stages = data["stages"]
+    assert [b for s in stages for b in s["blocks"]] == list(range(19))  # every block, once
+    text = (tmp_path / "ood_small.md").read_text()
+    assert "flower.jpg" in text and "One stage converted" in text
+
+
+def test_ood_stages_group_blocks_of_one_width() -> None:
+    ood = _module("ood")
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            widths = [3, 8, 8, 16, 16, 16, 8]
+            self.features = torch.nn.Sequential(
+                *[torch.nn.Conv2d(a, b, 1) for a, b in itertools.pairwise(widths)]
+            )
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.features(x)
+
+    got = ood.stages(Net(), torch.randn(1, 3, 4, 4))
+    assert got == {"stem": [0], "8ch": [1], "16ch": [2, 3, 4], "8ch@5": [5]}
 
 
 def test_transformers_small_mode_runs_every_target_and_method(tmp_path: Path) -> None:

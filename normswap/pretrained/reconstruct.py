@@ -128,6 +128,10 @@ class ReconstructionReport:
         return text
 
 
+#: Samples per forward pass when block inputs and outputs are recorded.
+CAPTURE_CHUNK = 64
+
+
 class _Stop(Exception):
     """Raised by a hook once it has what it needs: the rest of the forward pass is skipped."""
 
@@ -357,11 +361,18 @@ def reconstruct(
         )
     model, reference = unwrap(model), unwrap(reference)
     device = model_device(model)
+    # The first ``samples`` samples, in chunks of CAPTURE_CHUNK for the recording passes (one
+    # tensor or a big batch is never run through the model at once).
     batches: list[Any] = []
     count = 0
-    for batch in iter_inputs(data, batch_to_input=batch_to_input, device=device,
-                             what="reconstruction data"):  # fmt: skip
-        batches.append(batch)
+    source = data[:samples] if isinstance(data, Tensor) else data
+    for batch in iter_inputs(source, batch_size=CAPTURE_CHUNK, batch_to_input=batch_to_input,
+                             device=device, what="reconstruction data"):  # fmt: skip
+        if isinstance(batch, Tensor):
+            batch = batch[: samples - count]
+            batches.extend(batch.split(CAPTURE_CHUNK))
+        else:
+            batches.append(batch)
         count += count_samples(batch)
         if count >= samples:
             break

@@ -280,3 +280,15 @@ def test_the_default_share_is_what_was_measured_for_the_kinds_converted():
         clock=lambda: float(next(ticks)),
     )  # fmt: skip
     assert bn.reconstruction is not None and bn.distillation is None  # BatchNorm: reconstruct
+
+
+def test_only_the_samples_asked_for_are_run_and_never_all_at_once():
+    model, reference = _converted()
+    sizes: list[int] = []
+    hook = reference.register_forward_pre_hook(lambda _m, args: sizes.append(args[0].shape[0]))
+    try:
+        report = reconstruct(model, reference, _data(500), steps=1, samples=150, max_layers=2)
+    finally:
+        hook.remove()
+    assert report.samples == 150
+    assert max(sizes) <= 64 and sum(sizes) == 150 * len(report.blocks)

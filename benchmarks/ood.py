@@ -23,8 +23,8 @@ one width), calibrates it, and measures agreement on the unseen photos: how much
 original's function each stage's conversion alone loses.
 
 Methods (``METHODS``): ``copy`` (γ/β copied), ``calibrate`` (closed form), ``distill``
-(calibrate + distill: ``convert_pretrained(reconstruct=0)``), ``reconstruct``
-(``convert_pretrained`` as it ships: calibrate + block-wise reconstruction), ``progressive``,
+(``convert_pretrained`` as it ships: calibrate + distill), ``reconstruct``
+(``convert_pretrained(reconstruct=1)``: calibrate + block-wise reconstruction), ``progressive``,
 ``features`` (distillation with the per-layer feature loss), ``adapt`` (AdaBN teacher),
 ``diverse`` (distillation on a diverse transfer set:
 :class:`normswap.pretrained.transfer.DiverseAugment`), and two references that convert on
@@ -117,14 +117,14 @@ def _in_scene(method: Method) -> Method:
 METHODS: dict[str, Method] = {
     "copy": _copy_only,
     "calibrate": _calibrate_only,
-    "distill": _convert(reconstruct=0.0),
-    "reconstruct": _convert(),
+    "distill": _convert(),
+    "reconstruct": _convert(reconstruct=1.0),
     "progressive": _convert(progressive=0.5),
-    "features": _convert(reconstruct=0.0, feature_weight=1.0),
+    "features": _convert(feature_weight=1.0),
     "adapt": _convert(adapt_teacher=True),
-    "diverse": _convert(reconstruct=0.0, augment=DiverseAugment()),
-    "in-scene distill": _in_scene(_convert(reconstruct=0.0)),
-    "in-scene reconstruct": _in_scene(_convert()),
+    "diverse": _convert(augment=DiverseAugment()),
+    "in-scene distill": _in_scene(_convert()),
+    "in-scene reconstruct": _in_scene(_convert(reconstruct=1.0)),
 }
 
 

@@ -125,30 +125,11 @@ def gn_copy(ctx: Context, batch: int) -> Start:
 
 
 def gn_convert(ctx: Context, batch: int) -> Start:
-    """``convert_pretrained`` as it ships: calibrated, then reconstructed block by block on the
-    unlabeled images."""
+    """``convert_pretrained``: calibrated and distilled on the unlabeled images."""
 
     def make(model: nn.Module) -> None:
         convert_pretrained(
             model, "gn", ctx.unlabeled, budget=ctx.budget, clock=time.process_time, progress=False
-        )
-
-    return Start(_converted(ctx, f"gn_convert_reconstruct_{ctx.budget:g}", make))
-
-
-def gn_distill(ctx: Context, batch: int) -> Start:
-    """``convert_pretrained(reconstruct=0)``: calibrated and distilled on the unlabeled images
-    (``convert_pretrained``'s default until block-wise reconstruction replaced it)."""
-
-    def make(model: nn.Module) -> None:
-        convert_pretrained(
-            model,
-            "gn",
-            ctx.unlabeled,
-            budget=ctx.budget,
-            clock=time.process_time,
-            progress=False,
-            reconstruct=0.0,
         )
 
     return Start(_converted(ctx, f"gn_convert_{ctx.budget:g}", make))
@@ -234,7 +215,6 @@ METHODS: dict[str, Callable[[Context, int], Start]] = {
     "gn_scratch": gn_scratch,
     "gn_copy": gn_copy,
     "gn_convert": gn_convert,
-    "gn_distill": gn_distill,
     "gn_cal": gn_cal,
     "gn_progressive": gn_progressive,
     "gn_progressive_copy": gn_progressive_copy,

@@ -318,10 +318,10 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument(
         "--reconstruct",
         type=float,
-        default=1.0,
+        default=0.0,
         metavar="SHARE",
         help="with --calibrate: the share of the budget left after calibration spent on "
-        "block-wise reconstruction (the rest distills; 0: none)",
+        "block-wise reconstruction (the rest distills; 0, the default: none)",
     )
     convert.add_argument(
         "--finalize",
@@ -342,7 +342,7 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="distillation steps (default: what fits in what --reconstruct leaves of --budget; "
-        "0: none; with --reconstruct 0: calibrate only)",
+        "0: none, and calibrate only unless --reconstruct is set)",
     )
     convert.set_defaults(func=_cmd_convert)
     report = sub.add_parser("report", help="table and plots of normswap-train runs")

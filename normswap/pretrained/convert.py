@@ -1,19 +1,18 @@
-"""Convert a pretrained model so that it keeps what it learned: swap, calibrate, reconstruct,
-distill.
+"""Convert a pretrained model so that it keeps what it learned: swap, calibrate, distill.
 
 :func:`convert_pretrained` is the one call for the common case::
 
     result = normswap.convert_pretrained(model, "gn", unlabeled_images, budget=600)
-    print(result)            # the swap report, what calibration and reconstruction did
+    print(result)            # the swap report, what calibration and distillation did
     result.fidelity          # top-1 agreement with the original on held-out inputs
 
 It keeps an unmodified copy of the model as the reference, swaps the norms
 (:func:`normswap.swap`), re-fits the converted layers in closed form
-(:func:`normswap.calibrate.calibrate`), reconstructs the converted model block by block from
-its own inputs (:func:`normswap.pretrained.reconstruct.reconstruct`) and/or distills it towards
-the copy (:func:`normswap.distill.distill`) for what is left of the time budget, and measures
-the agreement reached. For ``wn`` with ``bn="fold"`` the conversion is exact and the
-data-driven steps are skipped.
+(:func:`normswap.calibrate.calibrate`), optionally reconstructs it block by block from its own
+inputs (``reconstruct=``, :func:`normswap.pretrained.reconstruct.reconstruct`), then distills
+the converted model towards the copy (:func:`normswap.distill.distill`) for what is left of
+the time budget, and measures the agreement reached. For ``wn`` with ``bn="fold"`` the
+conversion is exact and the data-driven steps are skipped.
 """
 
 from __future__ import annotations
@@ -60,19 +59,10 @@ from normswap.progressive import (
     swap_progressive,
 )
 from normswap.report import SwapReport
-from normswap.sources import resolve_replace
 from normswap.specs import NormSpec, get_spec
 from normswap.surgery import swap
 
-__all__ = ["RECONSTRUCT", "ConversionResult", "calibrate_and_distill", "convert_pretrained"]
-
-#: ``convert_pretrained(reconstruct=None)``'s share of the budget for block-wise
-#: reconstruction, per source kind converted (the smallest over the kinds wins; a kind not
-#: listed distills). BatchNorm: reconstruction reached a higher in-domain agreement than
-#: distillation at the same budget on the real MobileNetV2 (``benchmarks/results/ood.md``);
-#: LayerNorm sources were measured with distillation (``transformers_fidelity.md``), and a
-#: transformer's layers take several inputs, so its blocks would be its norms alone.
-RECONSTRUCT: dict[str, float] = {"bn": 1.0}
+__all__ = ["ConversionResult", "calibrate_and_distill", "convert_pretrained"]
 
 
 @dataclass(frozen=True)
@@ -187,7 +177,7 @@ def convert_pretrained(
     ood_data: Any = None,
     replace: str | Iterable[str] | None = None,
     augment: Callable[[Tensor], Tensor] | None = hflip,
-    reconstruct: float | None = None,
+    reconstruct: float = 0.0,
     **overrides: Any,
 ) -> ConversionResult:
     """Swap ``model``'s norms for ``spec`` and bring it back to its pretrained behaviour.
@@ -197,7 +187,7 @@ def convert_pretrained(
     each BatchNorm folds into);
     :func:`~normswap.calibrate.calibrate` on the first ``calibrate_samples`` samples of ``data``;
     block-wise reconstruction (:func:`~normswap.pretrained.reconstruct.reconstruct`) for the
-    ``reconstruct`` share of what remains of ``budget``, then
+    ``reconstruct`` share of what remains of ``budget`` (none by default), then
     :func:`~normswap.distill.distill` on ``data`` for the rest (early stop when agreement stops
     improving); :func:`~normswap.distill.fidelity` on ``val_data``. The
     model is converted in eval mode (folding and calibration use the running statistics) and
@@ -244,10 +234,8 @@ def convert_pretrained(
             reconstruction (:func:`normswap.pretrained.reconstruct.reconstruct`: each block
             trained to reproduce the original block from its own inputs); distillation gets
             what is left. ``1`` gives it the whole budget and skips distillation unless
-            ``distill_steps`` is set; ``0`` skips it (calibrate + distill). ``None`` (the
-            default): what was measured best for the norms converted (:data:`RECONSTRUCT`:
-            ``1`` for BatchNorm, ``benchmarks/results/ood.md``; ``0`` when other kinds are
-            converted, ``benchmarks/results/transformers_fidelity.md``). Ignored with
+            ``distill_steps`` is set; ``0`` (the default) skips it: calibrate + distill
+            reached more at the same budget (``benchmarks/results/ood.md``). Ignored with
             ``progressive``.
         **overrides: spec field overrides, e.g. ``num_groups=16``.
 
@@ -265,7 +253,7 @@ def convert_pretrained(
         >>> import torchvision
         >>> model = torchvision.models.resnet18(weights=None).eval()
         >>> images = torch.randn(64, 3, 64, 64)
-        >>> result = convert_pretrained(model, "gn", images, distill_steps=0, reconstruct=0)
+        >>> result = convert_pretrained(model, "gn", images, budget=60, distill_steps=0)
         >>> len(result.calibration)
         20
     """
@@ -288,8 +276,6 @@ def convert_pretrained(
         raise CalibrationError(
             f"progressive must be a fraction of the distillation in [0, 1], got {progressive!r}"
         )
-    if reconstruct is None:
-        reconstruct = min(RECONSTRUCT.get(kind, 0.0) for kind in resolve_replace(replace))
     if (
         isinstance(reconstruct, bool)
         or not isinstance(reconstruct, (int, float))

@@ -73,13 +73,13 @@ def test_budget_estimates_the_steps_and_training_flags_are_restored():
     assert model.training and all(m.training for m in model.modules())
 
 
-def test_by_default_the_budget_goes_to_block_wise_reconstruction():
+def test_reconstruct_one_gives_the_whole_budget_to_block_wise_reconstruction():
     model = _teacher().train()
     original = _teacher()
     held_out = _inputs(128, 3)
     result = convert_pretrained(
         model, "gn", _inputs(256, 2), budget=3.0, clock=time.process_time, progress=False,
-        val_data=held_out, num_groups=4,
+        val_data=held_out, num_groups=4, reconstruct=1.0,
     )  # fmt: skip
     assert result.distillation is None
     rebuilt = result.reconstruction

@@ -237,6 +237,13 @@ def sample_photos(size: int = 224) -> tuple[list[str], Tensor]:
         >>> names, photos.shape
         (['china.jpg', 'flower.jpg'], torch.Size([2, 3, 160, 160]))
     """
+    photos = _sklearn_photos()
+    batch = torch.stack(list(photos.values()))
+    return list(photos), to_imagenet(batch.contiguous(), size, crop=True)
+
+
+def _sklearn_photos() -> dict[str, Tensor]:
+    """scikit-learn's sample photos by file name, ``uint8 (3, H, W)`` each."""
     try:
         from sklearn.datasets import load_sample_images
     except ImportError as err:
@@ -244,9 +251,10 @@ def sample_photos(size: int = 224) -> tuple[list[str], Tensor]:
             "the sample photos come with scikit-learn: pip install -e '.[demo]'"
         ) from err
     data = load_sample_images()
-    names = [Path(p).name for p in data.filenames]
-    batch = torch.stack([torch.from_numpy(img.copy()).permute(2, 0, 1) for img in data.images])
-    return names, to_imagenet(batch.contiguous(), size, crop=True)
+    return {
+        Path(p).name: torch.from_numpy(img.copy()).permute(2, 0, 1)
+        for p, img in zip(data.filenames, data.images, strict=True)
+    }
 
 
 def photo_crops(
@@ -302,15 +310,7 @@ def photo_crops(
 def _photo(name: str | os.PathLike[str]) -> Tensor:
     """A scikit-learn sample photo by name, or an image file: ``uint8 (3, H, W)``."""
     if isinstance(name, str) and name in SAMPLE_PHOTOS:
-        try:
-            from sklearn.datasets import load_sample_images
-        except ImportError as err:
-            raise DataError(
-                "the sample photos come with scikit-learn: pip install -e '.[demo]'"
-            ) from err
-        data = load_sample_images()
-        names = [Path(p).name for p in data.filenames]
-        return torch.from_numpy(data.images[names.index(name)].copy()).permute(2, 0, 1)
+        return _sklearn_photos()[name]
     path = Path(name)
     if not path.is_file():
         raise DataError(

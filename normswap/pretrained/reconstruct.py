@@ -136,27 +136,37 @@ class _Stop(Exception):
     """Raised by a hook once it has what it needs: the rest of the forward pass is skipped."""
 
 
-def _calls(model: nn.Module, inputs: Any, paths: list[str]) -> dict[str, tuple[int, bool]]:
-    """``{path: (calls, one tensor in and out every time)}`` from one forward pass."""
-    seen: dict[str, list[bool]] = {p: [] for p in paths}
+def _calls(model: nn.Module, inputs: Any, paths: list[str]) -> dict[str, tuple[int, bool, int]]:
+    """``{path: (calls, one tensor in and out every time, order of its first call)}`` from one
+    forward pass (paths that did not run are missing)."""
+    seen: dict[str, list[bool]] = {}
 
     def hook(path: str) -> Callable[..., None]:
         def record(_m: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
             ok = len(args) == 1 and not kwargs and isinstance(args[0], Tensor)
-            seen[path].append(ok and isinstance(out, Tensor))
+            seen.setdefault(path, []).append(ok and isinstance(out, Tensor))
 
         return record
 
-    handles = [
-        model.get_submodule(p).register_forward_hook(hook(p), with_kwargs=True) for p in paths
-    ]
+    def first_call(path: str) -> Callable[..., None]:
+        def record(_m: nn.Module, _args: tuple) -> None:
+            order.setdefault(path, len(order))
+
+        return record
+
+    order: dict[str, int] = {}
+    handles = []
+    for p in paths:
+        module = model.get_submodule(p)
+        handles.append(module.register_forward_pre_hook(first_call(p)))
+        handles.append(module.register_forward_hook(hook(p), with_kwargs=True))
     try:
         with torch.no_grad():
             call_model(model, inputs)
     finally:
         for h in handles:
             h.remove()
-    return {p: (len(v), all(v)) for p, v in seen.items()}
+    return {p: (len(v), all(v), order[p]) for p, v in seen.items()}
 
 
 def find_blocks(
@@ -188,7 +198,7 @@ def find_blocks(
     left_out: list[str] = []
 
     def eligible(path: str) -> bool:
-        count, one_tensor = calls.get(path, (0, False))
+        count, one_tensor, _ = calls.get(path, (0, False, 0))
         return count == 1 and one_tensor and len(holding[path]) <= max_layers
 
     def walk(path: str, module: nn.Module) -> None:
@@ -209,33 +219,13 @@ def find_blocks(
         left_out.extend(x for x in holding[path] if x not in covered and x not in left_out)
 
     walk("", model)
-    order = _execution_order(model, inputs, [b for b in blocks if b])
-    blocks.sort(key=lambda b: order.get(b, -1))
+    blocks.sort(key=lambda b: calls[b][2])
     return blocks, sorted(set(left_out))
 
 
 def _inside(path: str, layers: list[str]) -> list[str]:
     """The layers at or under ``path`` (every layer for the model itself, ``""``)."""
     return [x for x in layers if path == "" or x == path or x.startswith(path + ".")]
-
-
-def _execution_order(model: nn.Module, inputs: Any, paths: list[str]) -> dict[str, int]:
-    order: dict[str, int] = {}
-
-    def hook(path: str) -> Callable[..., None]:
-        def first_call(_m: nn.Module, _args: tuple) -> None:
-            order.setdefault(path, len(order))
-
-        return first_call
-
-    handles = [model.get_submodule(p).register_forward_pre_hook(hook(p)) for p in paths]
-    try:
-        with torch.no_grad():
-            call_model(model, inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    return order
 
 
 def _capture(model: nn.Module, path: str, batches: list[Any], what: str) -> Tensor:

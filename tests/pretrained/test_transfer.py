@@ -131,7 +131,7 @@ def test_bad_settings_name_the_field(field: str, value: object, match: str):
 @pytest.mark.parametrize(("count", "size"), [(0, 8), (True, 8), (2, 1)])
 def test_procedural_images_refuse_bad_arguments(count: object, size: int):
     with pytest.raises(CalibrationError):
-        procedural_images(count, size)  # type: ignore[arg-type]
+        procedural_images(count, size)  # a bool or 0 where a positive int belongs, on purpose
 
 
 def test_distillation_feeds_teacher_and_student_the_same_augmented_batch():
